@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Generated tokens/s of a running memex at several concurrency levels.
+
+Sends the same set of dialogues, of different lengths, at each concurrency level and reports the
+aggregate generated tokens per second (from the `x-generated-tokens` header), request latency and
+errors. Standard library only, so it runs on a fresh machine.
+
+    python3 scripts/bench_concurrency.py --base http://127.0.0.1:8080 --levels 1,4,8 \
+        --requests 8 --types memory
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+TOPICS = [
+    "I'm Alex, 28, backend dev in Hangzhou, I play badminton on weekends.",
+    "Flying to Beijing next Wednesday, staying at Ji Hotel Chaoyang for the conference.",
+    "Use Markdown for docs, code blocks should have syntax highlighting.",
+    "My daughter starts primary school in September, so mornings are busy now.",
+    "I switched from coffee to green tea last month because of my sleep.",
+    "We are planning a family trip to Guangzhou this summer with my parents.",
+    "I usually cook vegetarian dinners and avoid spicy food.",
+    "I run 5 km every morning before work and track it on my watch.",
+]
+
+
+def dialogue(i: int) -> list:
+    """Dialogue i has i+1 user turns: lengths differ on purpose."""
+    msgs = []
+    for t in range(i + 1):
+        msgs.append({"role": "user", "content": TOPICS[(i + t) % len(TOPICS)]})
+        msgs.append({"role": "assistant", "content": "Noted, thanks for telling me."})
+    return msgs
+
+
+def post(base: str, key: str, body: dict, timeout: float):
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(base + "/extract/memory", data=data, method="POST")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Token {key}")
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            gen = int(r.headers.get("x-generated-tokens", "0"))
+            return r.status, gen, time.perf_counter() - t0
+    except urllib.error.HTTPError as e:
+        return e.code, 0, time.perf_counter() - t0
+
+
+def run_level(base, key, level, n, types, timeout):
+    bodies = []
+    for i in range(n):
+        b = {"messages": dialogue(i % 8)}
+        if types != "both":
+            b["extraction_types"] = [types]
+        bodies.append(b)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=level) as pool:
+        results = list(pool.map(lambda b: post(base, key, b, timeout), bodies))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r[0] == 200]
+    gen = sum(r[1] for r in ok)
+    lat = sorted(r[2] for r in ok)
+    return {
+        "concurrency": level,
+        "requests": n,
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "wall_s": round(wall, 2),
+        "generated_tokens": gen,
+        "gen_tok_per_s": round(gen / wall, 1) if wall > 0 else 0,
+        "p50_s": round(statistics.median(lat), 2) if lat else None,
+        "max_s": round(lat[-1], 2) if lat else None,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", default="http://127.0.0.1:8080")
+    ap.add_argument("--key", default="")
+    ap.add_argument("--levels", default="1,4,8")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--types", default="memory", choices=["memory", "preference", "both"])
+    ap.add_argument("--timeout", type=float, default=600)
+    args = ap.parse_args()
+    rows = []
+    for level in [int(x) for x in args.levels.split(",")]:
+        row = run_level(args.base, args.key, level, args.requests, args.types, args.timeout)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| concurrency | requests | ok | wall s | generated tokens | gen tok/s | p50 s | max s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['wall_s']} | "
+              f"{r['generated_tokens']} | {r['gen_tok_per_s']} | {r['p50_s']} | {r['max_s']} |")
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

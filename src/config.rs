@@ -1,0 +1,139 @@
+//! Command line: every flag also reads a `MEMEX_*` environment variable. The effective
+//! configuration is logged once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::HttpConfig;
+use crate::engine::mistral::MistralOptions;
+use crate::pipeline::schema::OutputLimits;
+use crate::pipeline::PipelineConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "memex", version, about = "Turns chat dialogue into structured memories")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve POST /extract/memory on a local model.
+    Serve(ServeArgs),
+    /// Write the tiny random-weight Qwen3 used by tests and smoke runs into a directory.
+    TinyModel {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Local safetensors model directory, or a local .gguf file. Never downloaded.
+    #[arg(long, env = "MEMEX_MODEL")]
+    pub model: PathBuf,
+
+    /// For a .gguf model: a directory with tokenizer.json and tokenizer_config.json to use
+    /// instead of the tokenizer in the GGUF metadata.
+    #[arg(long, env = "MEMEX_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+
+    #[arg(long, env = "MEMEX_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, env = "MEMEX_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Most input tokens (all message contents, served model's tokenizer) a request may carry.
+    #[arg(long, env = "MEMEX_MAX_INPUT_TOKENS", default_value_t = 8000)]
+    pub max_input_tokens: usize,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MEMEX_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Most items one branch returns (memories, or preferences of one kind).
+    #[arg(long, env = "MEMEX_MAX_ITEMS", default_value_t = OutputLimits::default().max_items)]
+    pub max_items: usize,
+
+    /// Longest memory value, preference or reasoning, in characters.
+    #[arg(long, env = "MEMEX_MAX_TEXT_CHARS", default_value_t = OutputLimits::default().max_text_chars)]
+    pub max_text_chars: usize,
+
+    /// Longest memory key or tag, in characters.
+    #[arg(long, env = "MEMEX_MAX_LABEL_CHARS", default_value_t = OutputLimits::default().max_label_chars)]
+    pub max_label_chars: usize,
+
+    /// Most tags per memory.
+    #[arg(long, env = "MEMEX_MAX_TAGS", default_value_t = OutputLimits::default().max_tags)]
+    pub max_tags: usize,
+
+    /// Most sequences the engine runs at once.
+    #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
+    pub max_num_seqs: usize,
+
+    /// Fraction of GPU memory given to the PagedAttention KV cache (CUDA builds).
+    #[arg(long, env = "MEMEX_GPU_MEMORY_FRACTION", default_value_t = 0.85)]
+    pub gpu_memory_fraction: f32,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "MEMEX_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl ServeArgs {
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(format!("{}:{}", self.host, self.port).parse()?)
+    }
+
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            max_input_tokens: self.max_input_tokens,
+            limits: OutputLimits {
+                max_items: self.max_items,
+                max_text_chars: self.max_text_chars,
+                max_label_chars: self.max_label_chars,
+                max_tags: self.max_tags,
+            },
+        }
+    }
+
+    pub fn engine(&self) -> MistralOptions {
+        MistralOptions {
+            max_num_seqs: self.max_num_seqs,
+            gpu_memory_fraction: self.gpu_memory_fraction,
+        }
+    }
+
+    pub fn http(&self) -> HttpConfig {
+        HttpConfig {
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let cli = Cli::try_parse_from(["memex", "serve", "--model", "/m", "--max-items", "3"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.port, 8080);
+        assert_eq!(args.max_input_tokens, 8000);
+        assert_eq!(args.pipeline().limits.max_items, 3);
+        assert_eq!(args.addr().unwrap().to_string(), "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn model_is_required() {
+        assert!(Cli::try_parse_from(["memex", "serve"]).is_err() || std::env::var("MEMEX_MODEL").is_ok());
+    }
+}

@@ -1,0 +1,104 @@
+//! The engine: the one place that runs the model.
+//!
+//! The pipeline asks for exactly one thing — "generate for these chat messages under this JSON
+//! schema, at most N tokens" — through the [`Engine`] trait. Everything about how that happens
+//! (which inference library, batching, model loading, stop tokens, cancellation) stays behind it,
+//! so the HTTP layer and the pipeline can be tested against any engine and a new engine can be
+//! dropped in without touching them.
+//!
+//! Cancellation is by drop: dropping the future returned by [`Engine::generate`] must stop the
+//! generation within a few tokens. Implementations therefore drive requests as streams.
+
+pub mod mistral;
+pub mod model_source;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use model_source::ModelSource;
+
+/// A chat message handed to the model's own chat template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptMessage {
+    pub role: PromptRole,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptRole {
+    System,
+    User,
+}
+
+/// One constrained generation.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub messages: Vec<PromptMessage>,
+    /// JSON schema the output must satisfy. It must be bounded (every string and array has a
+    /// maximum) so that every generation ends within `max_tokens`.
+    pub schema: serde_json::Value,
+    /// Upper bound on generated tokens. Set above the schema's worst case: hitting it means the
+    /// output is truncated JSON, which the caller treats as a failure.
+    pub max_tokens: usize,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The grammar completed and an end token was produced.
+    Stop,
+    /// `max_tokens` (or the model's context) ran out first.
+    Length,
+    /// Anything else the engine reports (kept verbatim for logs).
+    Other(String),
+}
+
+/// The result of one generation, with what the observability layer needs.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// From submission to the first generated token (queueing and prefill included).
+    pub time_to_first_token: Duration,
+    /// From submission to the last token.
+    pub total_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine rejected the request before running it (e.g. a grammar it cannot compile).
+    #[error("request rejected by the engine: {0}")]
+    Rejected(String),
+    /// The model or sampler failed mid-generation (e.g. the known EOS-versus-grammar error).
+    #[error("generation failed: {0}")]
+    Generation(String),
+    /// The engine's worker is gone; nothing will be answered any more.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    #[error("tokenizer failed: {0}")]
+    Tokenizer(String),
+}
+
+/// Static facts about the loaded model, for logs, `/health` and metrics.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Name the model is served under (file or directory name).
+    pub name: String,
+    /// Largest total sequence the model accepts (prompt plus generation).
+    pub max_sequence_len: Option<usize>,
+    pub load_time: Duration,
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Generate under a JSON-schema constraint. Dropping the returned future cancels the work.
+    async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError>;
+
+    /// Count tokens of `text` with the served model's own tokenizer (no special tokens added).
+    async fn count_tokens(&self, text: String) -> Result<usize, EngineError>;
+
+    fn info(&self) -> &ModelInfo;
+}

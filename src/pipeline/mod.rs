@@ -1,0 +1,242 @@
+//! The extraction pipeline: dialogue in, memory lists out. Pure logic plus calls to the
+//! [`Engine`] trait, so it is tested without HTTP and the HTTP layer never sees a prompt.
+//!
+//! clean → count input tokens → detect language → choose branches → per branch, concurrently:
+//! render prompt → constrained generation → parse → assemble the response lists.
+//!
+//! A branch that fails is retried once with a nudged prompt (a different prompt changes the first
+//! token's logits, which is what the known "EOS does not satisfy the grammar" failure needs). If
+//! the retry fails too, the whole request fails naming the branch: a success never hides a
+//! missing branch.
+
+pub mod branch;
+pub mod clean;
+pub mod language;
+pub mod output;
+pub mod prompt;
+pub mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::types::{ExtractData, ExtractionType, WireMessage};
+use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, PromptMessage};
+use branch::{Branch, Requested};
+use language::DetectedLanguage;
+use output::BranchOutput;
+use prompt::Prompts;
+use schema::OutputLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("`messages` is missing or empty")]
+    NoMessages,
+    #[error("messages[{index}].content is empty after trimming")]
+    EmptyContent { index: usize },
+    #[error("`extraction_types` is empty: name \"memory\", \"preference\" or both, or leave it out")]
+    NoExtractionTypes,
+    #[error("input has {counted} tokens, over the limit of {limit}")]
+    TooManyTokens { counted: usize, limit: usize },
+    #[error("the {branch} branch failed: {reason}")]
+    Branch { branch: Branch, reason: String },
+    #[error("tokenizer failed: {0}")]
+    Tokenizer(String),
+}
+
+/// What a client asked for, after HTTP parsing.
+#[derive(Debug, Clone)]
+pub struct ExtractInput {
+    pub messages: Option<Vec<WireMessage>>,
+    pub extraction_types: Option<Vec<ExtractionType>>,
+}
+
+/// Per-branch numbers for logs, headers and metrics.
+#[derive(Debug, Clone)]
+pub struct BranchStats {
+    pub branch: Branch,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub time_to_first_token: Duration,
+    pub generation_time: Duration,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Extraction {
+    pub data: ExtractData,
+    pub input_tokens: usize,
+    pub language: &'static str,
+    pub branches: Vec<BranchStats>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub max_input_tokens: usize,
+    pub limits: OutputLimits,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            max_input_tokens: 8_000,
+            limits: OutputLimits::default(),
+        }
+    }
+}
+
+pub struct Extractor {
+    engine: Arc<dyn Engine>,
+    prompts: Prompts,
+    config: PipelineConfig,
+}
+
+/// Appended to the user prompt on the retry.
+const RETRY_NUDGE: &str = "\n\nReply now with the JSON object only.";
+
+impl Extractor {
+    pub fn new(engine: Arc<dyn Engine>, config: PipelineConfig) -> anyhow::Result<Self> {
+        let prompts = Prompts::new()?;
+        prompts.self_check()?;
+        language::warm_up();
+        Ok(Self {
+            engine,
+            prompts,
+            config,
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub async fn extract(&self, input: ExtractInput) -> Result<Extraction, PipelineError> {
+        if input.extraction_types.as_ref().is_some_and(Vec::is_empty) {
+            return Err(PipelineError::NoExtractionTypes);
+        }
+        let dialogue = clean::clean(input.messages)?;
+        let requested = Requested::from_types(input.extraction_types.as_deref());
+
+        let input_tokens = self
+            .engine
+            .count_tokens(dialogue.joined_content())
+            .await
+            .map_err(|e| PipelineError::Tokenizer(e.to_string()))?;
+        if input_tokens > self.config.max_input_tokens {
+            return Err(PipelineError::TooManyTokens {
+                counted: input_tokens,
+                limit: self.config.max_input_tokens,
+            });
+        }
+
+        let detect_on = dialogue.clone();
+        let language = tokio::task::spawn_blocking(move || language::detect(&detect_on))
+            .await
+            .map_err(|e| PipelineError::Tokenizer(format!("language detection: {e}")))?;
+
+        let branches = branch::choose(requested, &dialogue);
+        let runs = branches
+            .iter()
+            .map(|&b| self.run_branch(b, &language, &dialogue));
+        // try_join_all drops (and so cancels) the sibling branches as soon as one fails.
+        let results = futures::future::try_join_all(runs).await?;
+
+        let mut data = ExtractData {
+            success: true,
+            memory_detail_list: requested.memory.then(Vec::new),
+            preference_detail_list: requested.preference.then(Vec::new),
+        };
+        let mut stats = Vec::with_capacity(results.len());
+        for (out, s) in results {
+            match out {
+                BranchOutput::Memories(m) => {
+                    data.memory_detail_list.get_or_insert_with(Vec::new).extend(m)
+                }
+                BranchOutput::Preferences(p) => data
+                    .preference_detail_list
+                    .get_or_insert_with(Vec::new)
+                    .extend(p),
+            }
+            stats.push(s);
+        }
+        Ok(Extraction {
+            data,
+            input_tokens,
+            language: language.name,
+            branches: stats,
+        })
+    }
+
+    async fn run_branch(
+        &self,
+        branch: Branch,
+        language: &DetectedLanguage,
+        dialogue: &clean::Dialogue,
+    ) -> Result<(BranchOutput, BranchStats), PipelineError> {
+        let fail = |reason: String| PipelineError::Branch { branch, reason };
+        let schema = schema::schema_for(branch, &self.config.limits);
+        let max_tokens = schema::worst_case_tokens(&schema);
+        let mut messages = self
+            .prompts
+            .render(branch, language, dialogue, self.config.limits.max_items)
+            .map_err(|e| fail(format!("prompt template: {e}")))?;
+
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let request = GenerateRequest {
+                messages: messages.clone(),
+                schema: schema.clone(),
+                max_tokens,
+            };
+            match self.attempt(branch, request).await {
+                Ok((out, mut stats)) => {
+                    stats.attempts = attempts;
+                    return Ok((out, stats));
+                }
+                Err(reason) if attempts == 1 => {
+                    tracing::warn!(%branch, %reason, "branch failed, retrying once");
+                    nudge(&mut messages);
+                }
+                Err(reason) => return Err(fail(reason)),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        branch: Branch,
+        request: GenerateRequest,
+    ) -> Result<(BranchOutput, BranchStats), String> {
+        let max_tokens = request.max_tokens;
+        let generation = self.engine.generate(request).await.map_err(|e| match e {
+            EngineError::Unavailable(_) => format!("engine unavailable: {e}"),
+            other => other.to_string(),
+        })?;
+        if generation.finish != FinishReason::Stop {
+            return Err(format!(
+                "generation ended by {:?} after {} tokens (limit {max_tokens}) before the JSON was complete",
+                generation.finish, generation.generated_tokens
+            ));
+        }
+        let out = output::parse(branch, &generation.text)?;
+        Ok((
+            out,
+            BranchStats {
+                branch,
+                prompt_tokens: generation.prompt_tokens,
+                generated_tokens: generation.generated_tokens,
+                time_to_first_token: generation.time_to_first_token,
+                generation_time: generation.total_time,
+                attempts: 1,
+            },
+        ))
+    }
+}
+
+fn nudge(messages: &mut [PromptMessage]) {
+    if let Some(last) = messages.last_mut() {
+        if !last.content.ends_with(RETRY_NUDGE) {
+            last.content.push_str(RETRY_NUDGE);
+        }
+    }
+}

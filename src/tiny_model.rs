@@ -1,0 +1,284 @@
+//! A tiny random-weight Qwen3, written to disk for tests, benchmarks and CI smoke runs.
+//!
+//! It is a real `Qwen3ForCausalLM` (q/k norms, GQA, tied embeddings) scaled down to 2 layers and
+//! hidden size 64, with a byte-level BPE tokenizer (256 byte tokens, no merges) plus the ChatML
+//! special tokens and a ChatML chat template. It loads through exactly the same path as the
+//! production model. Its text is noise, but under a JSON-schema constraint every output must still
+//! be valid, bounded JSON, which makes it a strong end-to-end check.
+//!
+//! Like SmolLM2, its chat EOS is `<|im_end|>` while the grammar's EOS is `<|endoftext|>`: the
+//! mismatch that once made every constrained request run to `max_len` is reproduced on purpose.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::json;
+
+pub const HIDDEN: usize = 64;
+pub const LAYERS: usize = 2;
+pub const HEADS: usize = 4;
+pub const KV_HEADS: usize = 2;
+pub const HEAD_DIM: usize = HIDDEN / HEADS;
+pub const INTERMEDIATE: usize = 128;
+pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+pub const VOCAB: usize = 256 + SPECIAL_TOKENS.len();
+
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
+/// generation_config.json into `dir`. The same seed gives the same bytes.
+pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let config = json!({
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": true,
+        "attention_bias": false,
+        "sliding_window": null,
+        "use_sliding_window": false,
+        "max_window_layers": LAYERS,
+        "torch_dtype": "float32",
+        "bos_token_id": 0,
+        "eos_token_id": 258
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_vec_pretty(&json!({"eos_token_id": 258, "bos_token_id": 256}))?,
+    )?;
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer_json())?)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&tokenizer_config())?,
+    )?;
+    write_weights(&dir.join("model.safetensors"), seed)?;
+    Ok(())
+}
+
+/// GPT-2's byte → printable-character map used by byte-level BPE.
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = ('!' as u32..='~' as u32).collect();
+    printable.extend('¡' as u32..='¬' as u32);
+    printable.extend('®' as u32..='ÿ' as u32);
+    let mut map = vec!['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        map[b as usize] = char::from_u32(c).expect("valid char");
+    }
+    map
+}
+
+fn added_token(id: usize, content: &str) -> serde_json::Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+           "rstrip": false, "normalized": false, "special": true})
+}
+
+fn tokenizer_json() -> serde_json::Value {
+    let vocab: BTreeMap<String, usize> = byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i))
+        .collect();
+    let added: Vec<_> = SPECIAL_TOKENS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| added_token(256 + i, t))
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+}
+
+fn tokenizer_config() -> serde_json::Value {
+    let decoder: serde_json::Map<String, serde_json::Value> = SPECIAL_TOKENS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((256 + i).to_string(), added_token(256 + i, t)))
+        .collect();
+    json!({
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "added_tokens_decoder": decoder,
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": null,
+        "model_max_length": 32768,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "chat_template": CHAT_TEMPLATE
+    })
+}
+
+/// SplitMix64: a fixed, dependency-free generator so the weights are the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in [-scale, scale].
+    fn tensor(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| (self.next_f32() * 2.0 - 1.0) * scale).collect()
+    }
+}
+
+/// Token embeddings with a dominant dimension 0. The embeddings are tied to the output layer,
+/// and dimension 0 stays large through the residual stream, so `E[t][0]` acts as a per-token
+/// logit bias: `]` is pushed down (arrays fill to `maxItems`, strings to `maxLength`) and ASCII
+/// letters slightly up (text stays mostly one byte per character). Outputs then hit the schema
+/// bounds instead of the trivial `{"memories":[]}`, which is what the tests need to exercise.
+fn embeddings(rng: &mut Rng, scale: f32) -> Vec<f32> {
+    let mut e = rng.tensor(VOCAB * HIDDEN, scale);
+    for t in 0..VOCAB {
+        let bias = match u8::try_from(t) {
+            Ok(b']') => -0.4,
+            Ok(b) if b.is_ascii_alphabetic() || b == b' ' => 0.05,
+            _ => 0.0,
+        };
+        e[t * HIDDEN] = 1.0 + bias;
+    }
+    e
+}
+
+fn write_weights(path: &Path, seed: u64) -> anyhow::Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+
+    let mut rng = Rng(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, data: Vec<f32>| {
+        tensors.push((name, shape, data));
+    };
+    let w = 0.08;
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, HIDDEN],
+        embeddings(&mut rng, w),
+    );
+    add("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        let lin = |rng: &mut Rng, out: usize, inp: usize| rng.tensor(out * inp, w);
+        add(format!("{p}.input_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![HIDDEN],
+            vec![1.0; HIDDEN],
+        );
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![HEADS * HEAD_DIM, HIDDEN],
+            lin(&mut rng, HEADS * HEAD_DIM, HIDDEN),
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            lin(&mut rng, KV_HEADS * HEAD_DIM, HIDDEN),
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            lin(&mut rng, KV_HEADS * HEAD_DIM, HIDDEN),
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![HIDDEN, HEADS * HEAD_DIM],
+            lin(&mut rng, HIDDEN, HEADS * HEAD_DIM),
+        );
+        add(format!("{p}.self_attn.q_norm.weight"), vec![HEAD_DIM], vec![1.0; HEAD_DIM]);
+        add(format!("{p}.self_attn.k_norm.weight"), vec![HEAD_DIM], vec![1.0; HEAD_DIM]);
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![INTERMEDIATE, HIDDEN],
+            lin(&mut rng, INTERMEDIATE, HIDDEN),
+        );
+        add(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![INTERMEDIATE, HIDDEN],
+            lin(&mut rng, INTERMEDIATE, HIDDEN),
+        );
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![HIDDEN, INTERMEDIATE],
+            lin(&mut rng, HIDDEN, INTERMEDIATE),
+        );
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, d)| (n, s, d.iter().flat_map(|f| f.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(meta), path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_round_trips_bytes_and_knows_the_special_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 7).unwrap();
+        let tok = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        let text = "Alex, 28 — 杭州 😀";
+        let enc = tok.encode(text, false).unwrap();
+        assert_eq!(enc.get_ids().len(), text.len(), "one token per byte");
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+        assert_eq!(tok.token_to_id("<|im_end|>"), Some(258));
+        let special = tok.encode("<|endoftext|>", false).unwrap();
+        assert_eq!(special.get_ids(), &[256]);
+    }
+
+    #[test]
+    fn same_seed_same_weights_other_seed_other_weights() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        write(a.path(), 1).unwrap();
+        write(b.path(), 1).unwrap();
+        write(c.path(), 2).unwrap();
+        let read = |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
+        assert_eq!(read(&a), read(&b));
+        assert_ne!(read(&a), read(&c));
+    }
+}

@@ -1,0 +1,156 @@
+//! The mistralrs engine itself, on the tiny random Qwen3: constrained output is complete JSON,
+//! generation stops the moment the JSON is complete, counts use the model's tokenizer, and a bad
+//! model path fails at start with its name and without touching the network.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memex::engine::mistral::{MistralEngine, MistralOptions};
+use memex::engine::{Engine, FinishReason, GenerateRequest, ModelSource, PromptMessage, PromptRole};
+use memex::pipeline::branch::Branch;
+use memex::pipeline::schema::{schema_for, worst_case_tokens, OutputLimits};
+use tokio::sync::OnceCell;
+
+async fn engine() -> Arc<MistralEngine> {
+    static ENGINE: OnceCell<Arc<MistralEngine>> = OnceCell::const_new();
+    ENGINE
+        .get_or_init(|| async {
+            let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
+            Arc::new(MistralEngine::load(&source, &MistralOptions::default()).await.unwrap())
+        })
+        .await
+        .clone()
+}
+
+fn request(user: &str, limits: &OutputLimits, branch: Branch) -> GenerateRequest {
+    let schema = schema_for(branch, limits);
+    GenerateRequest {
+        max_tokens: worst_case_tokens(&schema),
+        schema,
+        messages: vec![
+            PromptMessage {
+                role: PromptRole::System,
+                content: "Answer in JSON.".into(),
+            },
+            PromptMessage {
+                role: PromptRole::User,
+                content: user.into(),
+            },
+        ],
+    }
+}
+
+// One runtime for the whole file: the engine's background tasks live on it.
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+#[test]
+fn constrained_output_is_complete_json_and_stops_at_its_end() {
+    rt().block_on(async {
+        let e = engine().await;
+        let limits = OutputLimits {
+            max_items: 3,
+            max_text_chars: 20,
+            max_label_chars: 10,
+            max_tags: 2,
+        };
+        for (i, branch) in Branch::ALL.into_iter().enumerate() {
+            let g = e
+                .generate(request(&format!("dialogue number {i}"), &limits, branch))
+                .await
+                .unwrap();
+            assert_eq!(g.finish, FinishReason::Stop, "{branch}: {}", g.text);
+            let v: serde_json::Value = serde_json::from_str(&g.text)
+                .unwrap_or_else(|err| panic!("{branch}: not JSON ({err}): {}", g.text));
+            assert!(v.is_object());
+            // One token per byte with this tokenizer, plus the end token: any dead token after
+            // the closing brace (the grammar-EOS mismatch) would show here.
+            assert!(
+                g.generated_tokens <= g.text.len() + 1,
+                "{branch}: {} tokens for {} bytes: {}",
+                g.generated_tokens,
+                g.text.len(),
+                g.text
+            );
+            assert!(g.prompt_tokens > 0);
+            assert!(g.time_to_first_token <= g.total_time);
+        }
+    });
+}
+
+#[test]
+fn counts_tokens_with_the_models_tokenizer() {
+    rt().block_on(async {
+        let e = engine().await;
+        assert_eq!(e.count_tokens("hello".into()).await.unwrap(), 5);
+        assert_eq!(e.count_tokens("杭州".into()).await.unwrap(), 6);
+        assert_eq!(e.count_tokens(String::new()).await.unwrap(), 0);
+    });
+}
+
+#[test]
+fn dropping_a_generation_does_not_wedge_the_engine() {
+    rt().block_on(async {
+        let e = engine().await;
+        let limits = OutputLimits::default();
+        for i in 0..4 {
+            let req = request(&format!("cancel me {i}"), &limits, Branch::Memory);
+            let fut = e.generate(req);
+            // Cancel mid-flight (or before it starts): the future is dropped.
+            let _ = tokio::time::timeout(Duration::from_millis(30), fut).await;
+        }
+        let started = Instant::now();
+        let small = OutputLimits {
+            max_items: 1,
+            max_text_chars: 8,
+            max_label_chars: 4,
+            max_tags: 1,
+        };
+        let g = e
+            .generate(request("after cancellations", &small, Branch::ExplicitPreference))
+            .await
+            .unwrap();
+        assert_eq!(g.finish, FinishReason::Stop);
+        assert!(started.elapsed() < Duration::from_secs(60));
+    });
+}
+
+#[test]
+fn missing_model_path_fails_fast_naming_it() {
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memex"))
+        .args(["serve", "--model", "/nonexistent/qwen3-0.6b", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/qwen3-0.6b"), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    // No 30 s hub time-out: the path is checked before any loader sees it.
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn directory_missing_a_tokenizer_fails_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    memex::tiny_model::write(dir.path(), 1).unwrap();
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memex"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+}

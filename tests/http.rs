@@ -1,0 +1,219 @@
+//! `/extract/memory` over HTTP against the real engine (mistralrs) on the tiny random Qwen3.
+
+mod common;
+
+use common::{post_json, post_raw, server, MAX_INPUT_TOKENS, MAX_ITEMS, MAX_LABEL_CHARS, MAX_TEXT_CHARS};
+use serde_json::{json, Value};
+
+fn alex() -> Value {
+    json!([
+        {"role": "system", "content": "Extract key memories from the dialogue."},
+        {"role": "user", "content": "I'm Alex, 28, backend dev in Hangzhou, I play badminton."},
+        {"role": "assistant", "content": "Hi Alex!"},
+        {"role": "user", "content": "Keep replies short, not too wordy."}
+    ])
+}
+
+/// Checks the success envelope and every item's shape, enum values and bounds; returns data.
+fn assert_success(status: u16, body: &Value) -> Value {
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], 0, "{body}");
+    assert_eq!(body["message"], "ok");
+    let data = body["data"].clone();
+    assert_eq!(data["success"], true);
+    if let Some(list) = data.get("memory_detail_list") {
+        let list = list.as_array().expect("memory list is an array");
+        assert!(list.len() <= MAX_ITEMS);
+        for m in list {
+            let obj = m.as_object().unwrap();
+            assert_eq!(obj.len(), 4, "{m}");
+            let value = m["memory_value"].as_str().unwrap();
+            assert!(!value.is_empty() && value.chars().count() <= MAX_TEXT_CHARS, "{m}");
+            assert!(m["memory_key"].as_str().unwrap().chars().count() <= MAX_LABEL_CHARS, "{m}");
+            assert!(
+                ["UserMemory", "LongTermMemory"].contains(&m["memory_type"].as_str().unwrap()),
+                "{m}"
+            );
+            for t in m["tags"].as_array().unwrap() {
+                assert!(t.as_str().unwrap().chars().count() <= MAX_LABEL_CHARS);
+            }
+        }
+    }
+    if let Some(list) = data.get("preference_detail_list") {
+        let list = list.as_array().expect("preference list is an array");
+        assert!(list.len() <= 2 * MAX_ITEMS);
+        for p in list {
+            assert_eq!(p.as_object().unwrap().len(), 3, "{p}");
+            let pref = p["preference"].as_str().unwrap();
+            assert!(!pref.is_empty() && pref.chars().count() <= MAX_TEXT_CHARS, "{p}");
+            assert!(p["reasoning"].as_str().unwrap().chars().count() <= MAX_TEXT_CHARS);
+            assert!(
+                ["explicit_preference", "implicit_preference"]
+                    .contains(&p["preference_type"].as_str().unwrap()),
+                "{p}"
+            );
+        }
+    }
+    data
+}
+
+#[tokio::test]
+async fn default_request_returns_both_lists_in_the_envelope() {
+    let (status, headers, body) = post_json("/extract/memory", &json!({"messages": alex()})).await;
+    let data = assert_success(status, &body);
+    assert!(data["memory_detail_list"].is_array());
+    assert!(data["preference_detail_list"].is_array());
+    assert!(headers.contains_key("x-request-id"));
+    let generated: usize = headers["x-generated-tokens"].to_str().unwrap().parse().unwrap();
+    assert!(generated > 0);
+}
+
+#[tokio::test]
+async fn hosted_path_and_sdk_nulls_work() {
+    let (status, _, body) = post_json(
+        "/api/openmem/v1/extract/memory",
+        &json!({"messages": alex(), "extraction_types": null, "model": null, "user_id": "ignored"}),
+    )
+    .await;
+    let data = assert_success(status, &body);
+    assert!(data["memory_detail_list"].is_array() && data["preference_detail_list"].is_array());
+}
+
+#[tokio::test]
+async fn only_requested_lists_are_present() {
+    let (status, _, body) = post_json(
+        "/extract/memory",
+        &json!({"messages": [{"role": "user", "content": "Flying to Beijing next Wed, staying at Ji Hotel Chaoyang."}],
+                "extraction_types": ["memory"]}),
+    )
+    .await;
+    let data = assert_success(status, &body);
+    assert!(data["memory_detail_list"].is_array());
+    assert!(data.get("preference_detail_list").is_none(), "{data}");
+
+    let (status, _, body) = post_json(
+        "/extract/memory",
+        &json!({"messages": [
+            {"role": "user", "content": "Use Markdown for docs, code blocks should have syntax highlighting."},
+            {"role": "assistant", "content": "Got it."},
+            {"role": "user", "content": "Also go easy on emoji."}],
+            "extraction_types": ["preference"]}),
+    )
+    .await;
+    let data = assert_success(status, &body);
+    assert!(data.get("memory_detail_list").is_none(), "{data}");
+    assert!(data["preference_detail_list"].is_array());
+}
+
+#[tokio::test]
+async fn chinese_dialogue_is_detected_and_answered() {
+    let (status, headers, body) = post_json(
+        "/extract/memory",
+        &json!({"messages": [
+            {"role": "user", "content": "我叫小明，在杭州做后端开发，周末喜欢打羽毛球。", "chat_time": "2025-06-01 09:00"},
+            {"role": "assistant", "content": "你好小明！"}]}),
+    )
+    .await;
+    assert_success(status, &body);
+    assert_eq!(headers["x-language"], "Chinese");
+}
+
+#[tokio::test]
+async fn validation_errors_have_the_contract_codes() {
+    let long = "a".repeat(MAX_INPUT_TOKENS + 1);
+    let too_many = format!("{} tokens", MAX_INPUT_TOKENS + 1);
+    let cases: Vec<(Vec<u8>, u16, u64, &str)> = vec![
+        (b"{not json".to_vec(), 400, 40000, "JSON"),
+        (b"[]".to_vec(), 400, 40000, "object"),
+        (br#"{"extraction_types":["memory"]}"#.to_vec(), 400, 40002, "messages"),
+        (br#"{"messages":[]}"#.to_vec(), 400, 40002, "messages"),
+        (br#"{"messages":null}"#.to_vec(), 400, 40002, "messages"),
+        (br#"{"messages":[{"role":"user","content":"  \n "}]}"#.to_vec(), 400, 40002, "messages[0]"),
+        (br#"{"messages":[{"role":"user"}]}"#.to_vec(), 400, 40002, "messages[0]"),
+        (br#"{"messages":[{"role":"robot","content":"hi"}]}"#.to_vec(), 400, 40000, "messages[0].role"),
+        (br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#.to_vec(), 400, 40000, "messages[0].content"),
+        (br#"{"messages":[{"role":"user","content":"hi","image":"x"}]}"#.to_vec(), 400, 40000, "image"),
+        (br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":["skill"]}"#.to_vec(), 400, 40000, "extraction_types"),
+        (br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":[]}"#.to_vec(), 400, 40000, "extraction_types"),
+        (br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":"memory"}"#.to_vec(), 400, 40000, "extraction_types"),
+        (
+            serde_json::to_vec(&json!({"messages": [{"role": "user", "content": long}]})).unwrap(),
+            413,
+            40305,
+            &too_many,
+        ),
+        (vec![b' '; 70_000], 413, 40000, "65536 bytes"),
+    ];
+    for (body, status, code, needle) in cases {
+        let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).to_string();
+        let (s, _, json) = post_raw("/extract/memory", body).await;
+        assert_eq!((s, json["code"].as_u64().unwrap()), (status, code), "{shown} -> {json}");
+        assert!(json["data"].is_null(), "{json}");
+        let msg = json["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{shown}: message {msg:?} should mention {needle:?}");
+    }
+}
+
+#[tokio::test]
+async fn input_at_the_token_limit_passes() {
+    // The tiny tokenizer is one token per byte.
+    let content = "b".repeat(MAX_INPUT_TOKENS);
+    let (status, headers, body) = post_json(
+        "/extract/memory",
+        &json!({"messages": [{"role": "user", "content": content}], "extraction_types": ["preference"]}),
+    )
+    .await;
+    assert_success(status, &body);
+    assert_eq!(headers["x-input-tokens"], MAX_INPUT_TOKENS.to_string().as_str());
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_requests_are_all_answered() {
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let types = match i % 3 {
+            0 => json!(["memory"]),
+            1 => json!(["preference"]),
+            _ => json!(null),
+        };
+        // Different lengths on purpose: real dialogues never share one.
+        let content = format!("Message {i}: {}", "I like green tea. ".repeat(i + 1));
+        let body = json!({"messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Thanks."}], "extraction_types": types});
+        tasks.push(tokio::spawn(async move {
+            let (status, _, body) = post_json("/extract/memory", &body).await;
+            (i, types_of(&body), status, body)
+        }));
+    }
+    for t in tasks {
+        let (i, present, status, body) = t.await.unwrap();
+        let data = assert_success(status, &body);
+        let expected = match i % 3 {
+            0 => (true, false),
+            1 => (false, true),
+            _ => (true, true),
+        };
+        assert_eq!(present, expected, "request {i}: {data}");
+    }
+}
+
+fn types_of(body: &Value) -> (bool, bool) {
+    (
+        body["data"].get("memory_detail_list").is_some(),
+        body["data"].get("preference_detail_list").is_some(),
+    )
+}
+
+#[tokio::test]
+async fn health_names_the_model() {
+    let s = server();
+    let r: Value = reqwest::get(format!("{}/health", s.base)).await.unwrap().json().await.unwrap();
+    assert_eq!(r["code"], 0);
+    assert_eq!(r["data"]["status"], "ready");
+    assert_eq!(
+        r["data"]["model"],
+        s.model_dir.file_name().unwrap().to_string_lossy().as_ref()
+    );
+}
