@@ -12,7 +12,11 @@ use crate::pipeline::schema::OutputLimits;
 use crate::pipeline::PipelineConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "memex", version, about = "Turns chat dialogue into structured memories")]
+#[command(
+    name = "memex",
+    version,
+    about = "Turns chat dialogue into structured memories"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -76,6 +80,10 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
     pub max_num_seqs: usize,
 
+    /// DRY repetition penalty multiplier applied inside JSON strings (0 turns it off).
+    #[arg(long, env = "MEMEX_REPETITION_GUARD", default_value_t = 0.8)]
+    pub repetition_guard: f32,
+
     /// Fraction of GPU memory given to the PagedAttention KV cache (CUDA builds).
     #[arg(long, env = "MEMEX_GPU_MEMORY_FRACTION", default_value_t = 0.85)]
     pub gpu_memory_fraction: f32,
@@ -104,6 +112,7 @@ impl ServeArgs {
 
     pub fn engine(&self) -> MistralOptions {
         MistralOptions {
+            repetition_guard: self.repetition_guard,
             max_num_seqs: self.max_num_seqs,
             gpu_memory_fraction: self.gpu_memory_fraction,
         }
@@ -122,7 +131,8 @@ mod tests {
 
     #[test]
     fn flags_parse_with_defaults() {
-        let cli = Cli::try_parse_from(["memex", "serve", "--model", "/m", "--max-items", "3"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["memex", "serve", "--model", "/m", "--max-items", "3"]).unwrap();
         let Command::Serve(args) = cli.command else {
             panic!()
         };
@@ -134,6 +144,9 @@ mod tests {
 
     #[test]
     fn model_is_required() {
-        assert!(Cli::try_parse_from(["memex", "serve"]).is_err() || std::env::var("MEMEX_MODEL").is_ok());
+        assert!(
+            Cli::try_parse_from(["memex", "serve"]).is_err()
+                || std::env::var("MEMEX_MODEL").is_ok()
+        );
     }
 }

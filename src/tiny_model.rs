@@ -57,7 +57,10 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
         dir.join("generation_config.json"),
         serde_json::to_vec_pretty(&json!({"eos_token_id": 258, "bos_token_id": 256}))?,
     )?;
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer_json())?)?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&tokenizer_json())?,
+    )?;
     std::fs::write(
         dir.join("tokenizer_config.json"),
         serde_json::to_vec_pretty(&tokenizer_config())?,
@@ -151,7 +154,9 @@ impl Rng {
 
     /// Uniform in [-scale, scale].
     fn tensor(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| (self.next_f32() * 2.0 - 1.0) * scale).collect()
+        (0..n)
+            .map(|_| (self.next_f32() * 2.0 - 1.0) * scale)
+            .collect()
     }
 }
 
@@ -191,7 +196,11 @@ fn write_weights(path: &Path, seed: u64) -> anyhow::Result<()> {
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         let lin = |rng: &mut Rng, out: usize, inp: usize| rng.tensor(out * inp, w);
-        add(format!("{p}.input_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]);
+        add(
+            format!("{p}.input_layernorm.weight"),
+            vec![HIDDEN],
+            vec![1.0; HIDDEN],
+        );
         add(
             format!("{p}.post_attention_layernorm.weight"),
             vec![HIDDEN],
@@ -217,8 +226,16 @@ fn write_weights(path: &Path, seed: u64) -> anyhow::Result<()> {
             vec![HIDDEN, HEADS * HEAD_DIM],
             lin(&mut rng, HIDDEN, HEADS * HEAD_DIM),
         );
-        add(format!("{p}.self_attn.q_norm.weight"), vec![HEAD_DIM], vec![1.0; HEAD_DIM]);
-        add(format!("{p}.self_attn.k_norm.weight"), vec![HEAD_DIM], vec![1.0; HEAD_DIM]);
+        add(
+            format!("{p}.self_attn.q_norm.weight"),
+            vec![HEAD_DIM],
+            vec![1.0; HEAD_DIM],
+        );
+        add(
+            format!("{p}.self_attn.k_norm.weight"),
+            vec![HEAD_DIM],
+            vec![1.0; HEAD_DIM],
+        );
         add(
             format!("{p}.mlp.gate_proj.weight"),
             vec![INTERMEDIATE, HIDDEN],
@@ -277,7 +294,8 @@ mod tests {
         write(a.path(), 1).unwrap();
         write(b.path(), 1).unwrap();
         write(c.path(), 2).unwrap();
-        let read = |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
+        let read =
+            |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
         assert_eq!(read(&a), read(&b));
         assert_ne!(read(&a), read(&c));
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memex::engine::mistral::{MistralEngine, MistralOptions};
-use memex::engine::{Engine, FinishReason, GenerateRequest, ModelSource, PromptMessage, PromptRole};
+use memex::engine::{
+    Engine, FinishReason, GenerateRequest, ModelSource, PromptMessage, PromptRole,
+};
 use memex::pipeline::branch::Branch;
 use memex::pipeline::schema::{schema_for, worst_case_tokens, OutputLimits};
 use tokio::sync::OnceCell;
@@ -18,7 +20,11 @@ async fn engine() -> Arc<MistralEngine> {
     ENGINE
         .get_or_init(|| async {
             let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
-            Arc::new(MistralEngine::load(&source, &MistralOptions::default()).await.unwrap())
+            Arc::new(
+                MistralEngine::load(&source, &MistralOptions::default())
+                    .await
+                    .unwrap(),
+            )
         })
         .await
         .clone()
@@ -117,7 +123,11 @@ fn dropping_a_generation_does_not_wedge_the_engine() {
             max_tags: 1,
         };
         let g = e
-            .generate(request("after cancellations", &small, Branch::ExplicitPreference))
+            .generate(request(
+                "after cancellations",
+                &small,
+                Branch::ExplicitPreference,
+            ))
             .await
             .unwrap();
         assert_eq!(g.finish, FinishReason::Stop);

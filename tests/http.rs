@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{post_json, post_raw, server, MAX_INPUT_TOKENS, MAX_ITEMS, MAX_LABEL_CHARS, MAX_TEXT_CHARS};
+use common::{
+    post_json, post_raw, server, MAX_INPUT_TOKENS, MAX_ITEMS, MAX_LABEL_CHARS, MAX_TEXT_CHARS,
+};
 use serde_json::{json, Value};
 
 fn alex() -> Value {
@@ -28,8 +30,14 @@ fn assert_success(status: u16, body: &Value) -> Value {
             let obj = m.as_object().unwrap();
             assert_eq!(obj.len(), 4, "{m}");
             let value = m["memory_value"].as_str().unwrap();
-            assert!(!value.is_empty() && value.chars().count() <= MAX_TEXT_CHARS, "{m}");
-            assert!(m["memory_key"].as_str().unwrap().chars().count() <= MAX_LABEL_CHARS, "{m}");
+            assert!(
+                !value.is_empty() && value.chars().count() <= MAX_TEXT_CHARS,
+                "{m}"
+            );
+            assert!(
+                m["memory_key"].as_str().unwrap().chars().count() <= MAX_LABEL_CHARS,
+                "{m}"
+            );
             assert!(
                 ["UserMemory", "LongTermMemory"].contains(&m["memory_type"].as_str().unwrap()),
                 "{m}"
@@ -45,7 +53,10 @@ fn assert_success(status: u16, body: &Value) -> Value {
         for p in list {
             assert_eq!(p.as_object().unwrap().len(), 3, "{p}");
             let pref = p["preference"].as_str().unwrap();
-            assert!(!pref.is_empty() && pref.chars().count() <= MAX_TEXT_CHARS, "{p}");
+            assert!(
+                !pref.is_empty() && pref.chars().count() <= MAX_TEXT_CHARS,
+                "{p}"
+            );
             assert!(p["reasoning"].as_str().unwrap().chars().count() <= MAX_TEXT_CHARS);
             assert!(
                 ["explicit_preference", "implicit_preference"]
@@ -64,7 +75,11 @@ async fn default_request_returns_both_lists_in_the_envelope() {
     assert!(data["memory_detail_list"].is_array());
     assert!(data["preference_detail_list"].is_array());
     assert!(headers.contains_key("x-request-id"));
-    let generated: usize = headers["x-generated-tokens"].to_str().unwrap().parse().unwrap();
+    let generated: usize = headers["x-generated-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(generated > 0);
 }
 
@@ -125,17 +140,64 @@ async fn validation_errors_have_the_contract_codes() {
     let cases: Vec<(Vec<u8>, u16, u64, &str)> = vec![
         (b"{not json".to_vec(), 400, 40000, "JSON"),
         (b"[]".to_vec(), 400, 40000, "object"),
-        (br#"{"extraction_types":["memory"]}"#.to_vec(), 400, 40002, "messages"),
+        (
+            br#"{"extraction_types":["memory"]}"#.to_vec(),
+            400,
+            40002,
+            "messages",
+        ),
         (br#"{"messages":[]}"#.to_vec(), 400, 40002, "messages"),
         (br#"{"messages":null}"#.to_vec(), 400, 40002, "messages"),
-        (br#"{"messages":[{"role":"user","content":"  \n "}]}"#.to_vec(), 400, 40002, "messages[0]"),
-        (br#"{"messages":[{"role":"user"}]}"#.to_vec(), 400, 40002, "messages[0]"),
-        (br#"{"messages":[{"role":"robot","content":"hi"}]}"#.to_vec(), 400, 40000, "messages[0].role"),
-        (br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#.to_vec(), 400, 40000, "messages[0].content"),
-        (br#"{"messages":[{"role":"user","content":"hi","image":"x"}]}"#.to_vec(), 400, 40000, "image"),
-        (br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":["skill"]}"#.to_vec(), 400, 40000, "extraction_types"),
-        (br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":[]}"#.to_vec(), 400, 40000, "extraction_types"),
-        (br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":"memory"}"#.to_vec(), 400, 40000, "extraction_types"),
+        (
+            br#"{"messages":[{"role":"user","content":"  \n "}]}"#.to_vec(),
+            400,
+            40002,
+            "messages[0]",
+        ),
+        (
+            br#"{"messages":[{"role":"user"}]}"#.to_vec(),
+            400,
+            40002,
+            "messages[0]",
+        ),
+        (
+            br#"{"messages":[{"role":"robot","content":"hi"}]}"#.to_vec(),
+            400,
+            40000,
+            "messages[0].role",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#.to_vec(),
+            400,
+            40000,
+            "messages[0].content",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"hi","image":"x"}]}"#.to_vec(),
+            400,
+            40000,
+            "image",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":["skill"]}"#
+                .to_vec(),
+            400,
+            40000,
+            "extraction_types",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":[]}"#.to_vec(),
+            400,
+            40000,
+            "extraction_types",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":"memory"}"#
+                .to_vec(),
+            400,
+            40000,
+            "extraction_types",
+        ),
         (
             serde_json::to_vec(&json!({"messages": [{"role": "user", "content": long}]})).unwrap(),
             413,
@@ -147,10 +209,17 @@ async fn validation_errors_have_the_contract_codes() {
     for (body, status, code, needle) in cases {
         let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).to_string();
         let (s, _, json) = post_raw("/extract/memory", body).await;
-        assert_eq!((s, json["code"].as_u64().unwrap()), (status, code), "{shown} -> {json}");
+        assert_eq!(
+            (s, json["code"].as_u64().unwrap()),
+            (status, code),
+            "{shown} -> {json}"
+        );
         assert!(json["data"].is_null(), "{json}");
         let msg = json["message"].as_str().unwrap();
-        assert!(msg.contains(needle), "{shown}: message {msg:?} should mention {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{shown}: message {msg:?} should mention {needle:?}"
+        );
     }
 }
 
@@ -164,7 +233,10 @@ async fn input_at_the_token_limit_passes() {
     )
     .await;
     assert_success(status, &body);
-    assert_eq!(headers["x-input-tokens"], MAX_INPUT_TOKENS.to_string().as_str());
+    assert_eq!(
+        headers["x-input-tokens"],
+        MAX_INPUT_TOKENS.to_string().as_str()
+    );
 }
 
 #[tokio::test]
@@ -209,7 +281,12 @@ fn types_of(body: &Value) -> (bool, bool) {
 #[tokio::test]
 async fn health_names_the_model() {
     let s = server();
-    let r: Value = reqwest::get(format!("{}/health", s.base)).await.unwrap().json().await.unwrap();
+    let r: Value = reqwest::get(format!("{}/health", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["code"], 0);
     assert_eq!(r["data"]["status"], "ready");
     assert_eq!(

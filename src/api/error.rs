@@ -24,7 +24,10 @@ pub enum ApiError {
     #[error("request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("server is not ready: {reason}")]
-    Unavailable { reason: String, retry_after_secs: u64 },
+    Unavailable {
+        reason: String,
+        retry_after_secs: u64,
+    },
     /// A branch could not produce a valid answer, even after its retry.
     #[error("extraction failed in the {branch} branch: {reason}")]
     ExtractionFailed { branch: String, reason: String },
@@ -102,7 +105,14 @@ mod tests {
         let cases = [
             (ApiError::InvalidRequest("x".into()), 400, 40000),
             (ApiError::EmptyInput("x".into()), 400, 40002),
-            (ApiError::TooManyTokens { counted: 9000, limit: 8000 }, 413, 40305),
+            (
+                ApiError::TooManyTokens {
+                    counted: 9000,
+                    limit: 8000,
+                },
+                413,
+                40305,
+            ),
             (ApiError::BodyTooLarge { limit: 10 }, 413, 40000),
             (
                 ApiError::Unavailable {

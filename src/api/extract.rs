@@ -20,9 +20,9 @@ pub async fn extract_memory(
 ) -> Response {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut response = match handle(&state, body).await {
+    let (mut response, branches) = match handle(&state, body).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => (e.into_response(), String::new()),
     };
     let status = response.status();
     let headers = response.headers_mut();
@@ -33,12 +33,17 @@ pub async fn extract_memory(
         total_ms = started.elapsed().as_millis() as u64,
         prompt_tokens = header_str(headers, "x-prompt-tokens"),
         generated_tokens = header_str(headers, "x-generated-tokens"),
+        branches,
         "extract"
     );
     response
 }
 
-async fn handle(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+/// The response, and a per-branch summary for the request's log line.
+async fn handle(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Response, String), ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::BodyTooLarge {
@@ -65,6 +70,21 @@ async fn handle(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result
         .map(|b| b.generation_time)
         .max()
         .unwrap_or_default();
+    let summary = extraction
+        .branches
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{:.3}s/{}tok/ttft{:.3}s/try{}",
+                b.branch,
+                b.generation_time.as_secs_f64(),
+                b.generated_tokens,
+                b.time_to_first_token.as_secs_f64(),
+                b.attempts
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut response = Json(Envelope {
         code: 0,
         message: "ok".into(),
@@ -72,7 +92,11 @@ async fn handle(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result
     })
     .into_response();
     let headers = response.headers_mut();
-    set_header(headers, "x-input-tokens", &extraction.input_tokens.to_string());
+    set_header(
+        headers,
+        "x-input-tokens",
+        &extraction.input_tokens.to_string(),
+    );
     set_header(headers, "x-prompt-tokens", &prompt_tokens.to_string());
     set_header(headers, "x-generated-tokens", &generated.to_string());
     set_header(
@@ -81,7 +105,7 @@ async fn handle(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result
         &format!("{:.3}", inference.as_secs_f64()),
     );
     set_header(headers, "x-language", extraction.language);
-    Ok(response)
+    Ok((response, summary))
 }
 
 fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {

@@ -76,7 +76,10 @@ pub fn router(state: AppState) -> Router {
     let limit = state.http().max_body_bytes;
     Router::new()
         .route("/extract/memory", post(extract::extract_memory))
-        .route("/api/openmem/v1/extract/memory", post(extract::extract_memory))
+        .route(
+            "/api/openmem/v1/extract/memory",
+            post(extract::extract_memory),
+        )
         .route("/health", get(health::health))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

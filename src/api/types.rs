@@ -130,12 +130,15 @@ mod tests {
 
     #[test]
     fn unknown_message_field_is_rejected_with_its_path() {
-        let err = parse(r#"{"messages":[{"role":"user","content":"hi","image_url":"x"}]}"#)
-            .unwrap_err();
+        let err =
+            parse(r#"{"messages":[{"role":"user","content":"hi","image_url":"x"}]}"#).unwrap_err();
         let ApiError::InvalidRequest(msg) = err else {
             panic!("wrong error {err:?}")
         };
-        assert!(msg.contains("messages[0]") && msg.contains("image_url"), "{msg}");
+        assert!(
+            msg.contains("messages[0]") && msg.contains("image_url"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -163,12 +166,18 @@ mod tests {
             preference_detail_list: None,
         };
         let v = serde_json::to_value(&data).unwrap();
-        assert_eq!(v, serde_json::json!({"success": true, "memory_detail_list": []}));
+        assert_eq!(
+            v,
+            serde_json::json!({"success": true, "memory_detail_list": []})
+        );
         let env: Envelope<ExtractData> = Envelope {
             code: 1,
             message: "x".into(),
             data: None,
         };
-        assert_eq!(serde_json::to_value(&env).unwrap()["data"], serde_json::Value::Null);
+        assert_eq!(
+            serde_json::to_value(&env).unwrap()["data"],
+            serde_json::Value::Null
+        );
     }
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use either::Either;
 use mistralrs::{
-    Constraint, GgufModelBuilder, Model, RequestBuilder, Response, StopTokens, TextMessageRole,
-    TextMessages, TextModelBuilder, TokenSource,
+    Constraint, DrySamplingParams, GgufModelBuilder, Model, RequestBuilder, Response, StopTokens,
+    TextMessageRole, TextMessages, TextModelBuilder, TokenSource,
 };
 
 use super::{
@@ -39,8 +39,16 @@ const GRAMMAR_EOS_NAMES: [&str; 5] = [
     "<eos>",
 ];
 
+/// DRY sequence breakers: JSON punctuation. A repeat is only penalised inside a run of text
+/// between them, so a model looping on a phrase inside a string is pushed out of the loop while
+/// the JSON structure that every item repeats is left alone.
+const DRY_BREAKERS: [&str; 8] = ["\"", ",", ":", "{", "}", "[", "]", "\n"];
+
 #[derive(Debug, Clone)]
 pub struct MistralOptions {
+    /// DRY repetition-penalty multiplier (0 = off). Small models loop on a phrase inside a
+    /// string until its `maxLength`; this breaks the loop.
+    pub repetition_guard: f32,
     /// Most sequences the engine runs at once.
     pub max_num_seqs: usize,
     /// Fraction of GPU memory for the PagedAttention KV pool (CUDA builds only).
@@ -50,6 +58,7 @@ pub struct MistralOptions {
 impl Default for MistralOptions {
     fn default() -> Self {
         Self {
+            repetition_guard: 0.8,
             max_num_seqs: 32,
             gpu_memory_fraction: 0.85,
         }
@@ -58,6 +67,7 @@ impl Default for MistralOptions {
 
 pub struct MistralEngine {
     model: Model,
+    dry: Option<DrySamplingParams>,
     tokenizer: Counter,
     stop_ids: Vec<u32>,
     info: ModelInfo,
@@ -114,8 +124,19 @@ impl MistralEngine {
             )),
             None => Counter::Engine,
         };
+        let dry = (opts.repetition_guard > 0.0)
+            .then(|| {
+                DrySamplingParams::new_with_defaults(
+                    opts.repetition_guard,
+                    Some(DRY_BREAKERS.iter().map(|s| s.to_string()).collect()),
+                    None,
+                    Some(3),
+                )
+            })
+            .transpose()?;
         let mut engine = Self {
             model,
+            dry,
             tokenizer,
             stop_ids: Vec::new(),
             info: ModelInfo {
@@ -227,6 +248,10 @@ impl Engine for MistralEngine {
             .set_sampler_max_len(request.max_tokens)
             .set_sampler_stop_toks(StopTokens::Ids(self.stop_ids.clone()))
             .enable_thinking(false);
+        let builder = match &self.dry {
+            Some(dry) => builder.set_sampler_dry_params(dry.clone()),
+            None => builder,
+        };
 
         let mut stream = self
             .model

@@ -27,7 +27,9 @@ pub enum ModelSourceError {
     Incomplete { dir: PathBuf, what: String },
     #[error("model path {0} is neither a directory nor a .gguf file")]
     Unsupported(PathBuf),
-    #[error("--tokenizer is only used with a .gguf model; {0} is a directory with its own tokenizer")]
+    #[error(
+        "--tokenizer is only used with a .gguf model; {0} is a directory with its own tokenizer"
+    )]
     TokenizerWithDir(PathBuf),
 }
 
@@ -138,7 +140,10 @@ mod tests {
         touch(dir.path(), "model.safetensors");
         let err = ModelSource::resolve(dir.path(), None).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("tokenizer.json") && msg.contains("tokenizer_config.json"), "{msg}");
+        assert!(
+            msg.contains("tokenizer.json") && msg.contains("tokenizer_config.json"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -151,10 +156,7 @@ mod tests {
         assert!(err.to_string().contains("safetensors"));
         touch(dir.path(), "model.safetensors");
         let ok = ModelSource::resolve(dir.path(), None).unwrap();
-        assert_eq!(
-            ok.tokenizer_json(),
-            Some(dir.path().join("tokenizer.json"))
-        );
+        assert_eq!(ok.tokenizer_json(), Some(dir.path().join("tokenizer.json")));
     }
 
     #[test]
@@ -170,7 +172,10 @@ mod tests {
         touch(tok.path(), "tokenizer.json");
         touch(tok.path(), "tokenizer_config.json");
         let src = ModelSource::resolve(&file, Some(tok.path())).unwrap();
-        assert_eq!(src.tokenizer_json(), Some(tok.path().join("tokenizer.json")));
+        assert_eq!(
+            src.tokenizer_json(),
+            Some(tok.path().join("tokenizer.json"))
+        );
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub struct Dialogue {
 
 impl Dialogue {
     pub fn user_turns(&self) -> usize {
-        self.messages.iter().filter(|m| m.role == Role::User).count()
+        self.messages
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .count()
     }
 
     /// All message contents joined by newlines: what the input-token limit counts.
@@ -92,14 +95,21 @@ mod tests {
 
     #[test]
     fn trims_and_normalises() {
-        let d = clean(Some(vec![wire(Role::User, Some("  hi\r\nthere\u{0}\u{200b} \t"))])).unwrap();
+        let d = clean(Some(vec![wire(
+            Role::User,
+            Some("  hi\r\nthere\u{0}\u{200b} \t"),
+        )]))
+        .unwrap();
         assert_eq!(d.messages[0].content, "hi\nthere");
     }
 
     #[test]
     fn missing_or_empty_messages() {
         assert!(matches!(clean(None), Err(PipelineError::NoMessages)));
-        assert!(matches!(clean(Some(vec![])), Err(PipelineError::NoMessages)));
+        assert!(matches!(
+            clean(Some(vec![])),
+            Err(PipelineError::NoMessages)
+        ));
     }
 
     #[test]

@@ -120,7 +120,10 @@ mod tests {
     fn chinese_dialogue_gets_chinese_templates_despite_english_system_prompt() {
         let d = dialogue(&[
             (Role::System, "Extract key memories from the dialogue."),
-            (Role::User, "我叫小明，今年二十八岁，在杭州做后端开发，周末喜欢打羽毛球。"),
+            (
+                Role::User,
+                "我叫小明，今年二十八岁，在杭州做后端开发，周末喜欢打羽毛球。",
+            ),
             (Role::Assistant, "你好小明！"),
         ]);
         assert_eq!(
@@ -134,7 +137,10 @@ mod tests {
 
     #[test]
     fn english_dialogue() {
-        let d = dialogue(&[(Role::User, "I'm Alex, 28, backend dev in Hangzhou, I play badminton.")]);
+        let d = dialogue(&[(
+            Role::User,
+            "I'm Alex, 28, backend dev in Hangzhou, I play badminton.",
+        )]);
         assert_eq!(detect(&d).template, TemplateLang::En);
         assert_eq!(detect(&d).name, "English");
     }

@@ -33,7 +33,9 @@ pub enum PipelineError {
     NoMessages,
     #[error("messages[{index}].content is empty after trimming")]
     EmptyContent { index: usize },
-    #[error("`extraction_types` is empty: name \"memory\", \"preference\" or both, or leave it out")]
+    #[error(
+        "`extraction_types` is empty: name \"memory\", \"preference\" or both, or leave it out"
+    )]
     NoExtractionTypes,
     #[error("input has {counted} tokens, over the limit of {limit}")]
     TooManyTokens { counted: usize, limit: usize },
@@ -148,9 +150,10 @@ impl Extractor {
         let mut stats = Vec::with_capacity(results.len());
         for (out, s) in results {
             match out {
-                BranchOutput::Memories(m) => {
-                    data.memory_detail_list.get_or_insert_with(Vec::new).extend(m)
-                }
+                BranchOutput::Memories(m) => data
+                    .memory_detail_list
+                    .get_or_insert_with(Vec::new)
+                    .extend(m),
                 BranchOutput::Preferences(p) => data
                     .preference_detail_list
                     .get_or_insert_with(Vec::new)

@@ -118,8 +118,14 @@ mod tests {
     fn maps_preference_type_from_branch() {
         let text = r#"{"preferences":[{"reasoning":"asked twice","preference":"Short replies"}]}"#;
         for (b, t) in [
-            (Branch::ExplicitPreference, PreferenceType::ExplicitPreference),
-            (Branch::ImplicitPreference, PreferenceType::ImplicitPreference),
+            (
+                Branch::ExplicitPreference,
+                PreferenceType::ExplicitPreference,
+            ),
+            (
+                Branch::ImplicitPreference,
+                PreferenceType::ImplicitPreference,
+            ),
         ] {
             let BranchOutput::Preferences(p) = parse(b, text).unwrap() else {
                 panic!()

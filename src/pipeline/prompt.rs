@@ -161,12 +161,20 @@ mod tests {
     fn chinese_memory_prompt_is_chinese_and_ends_with_the_dialogue() {
         let p = Prompts::new().unwrap();
         let msgs = p
-            .render(Branch::Memory, &lang(TemplateLang::Zh, "Chinese"), &dialogue(), 7)
+            .render(
+                Branch::Memory,
+                &lang(TemplateLang::Zh, "Chinese"),
+                &dialogue(),
+                7,
+            )
             .unwrap();
         assert_eq!(msgs[0].role, PromptRole::System);
         assert!(msgs[0].content.contains("记忆提取引擎"));
         let user = &msgs[1].content;
-        assert!(user.contains("提取事实记忆") && user.contains("最多 7 条"), "{user}");
+        assert!(
+            user.contains("提取事实记忆") && user.contains("最多 7 条"),
+            "{user}"
+        );
         assert!(user.ends_with("[assistant] 好的"), "{user}");
         assert!(user.contains("[user | 2025-06-02 10:00] 我下周三飞北京"));
     }
@@ -183,7 +191,9 @@ mod tests {
                 .render(b, &lang(TemplateLang::En, "English"), &dialogue(), 3)
                 .unwrap();
             assert!(!en[1].content.contains("The dialogue is in"), "{b}");
-            assert!(en[1].content.contains(crate::pipeline::schema::list_field(b)));
+            assert!(en[1]
+                .content
+                .contains(crate::pipeline::schema::list_field(b)));
         }
     }
 

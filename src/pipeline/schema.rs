@@ -25,10 +25,10 @@ pub struct OutputLimits {
 impl Default for OutputLimits {
     fn default() -> Self {
         Self {
-            max_items: 10,
-            max_text_chars: 300,
-            max_label_chars: 48,
-            max_tags: 5,
+            max_items: 6,
+            max_text_chars: 200,
+            max_label_chars: 32,
+            max_tags: 4,
         }
     }
 }
@@ -101,7 +101,11 @@ pub fn worst_case_tokens(schema: &Value) -> usize {
 
 fn worst_case_bytes(schema: &Value) -> usize {
     if let Some(options) = schema.get("enum").and_then(Value::as_array) {
-        return options.iter().map(|o| o.to_string().len()).max().unwrap_or(0);
+        return options
+            .iter()
+            .map(|o| o.to_string().len())
+            .max()
+            .unwrap_or(0);
     }
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
@@ -174,14 +178,22 @@ mod tests {
                           "tags": ["😀😀😀", "😀😀😀"]});
         let maximal = json!({"memories": [item.clone(), item]});
         let compact = serde_json::to_string(&maximal).unwrap();
-        assert!(worst_case_tokens(&schema) >= compact.len(), "{} < {}", worst_case_tokens(&schema), compact.len());
+        assert!(
+            worst_case_tokens(&schema) >= compact.len(),
+            "{} < {}",
+            worst_case_tokens(&schema),
+            compact.len()
+        );
         // ...and is not absurdly loose either.
         assert!(worst_case_tokens(&schema) < compact.len() * 2);
     }
 
     #[test]
     fn bound_grows_with_limits() {
-        let small = worst_case_tokens(&schema_for(Branch::ExplicitPreference, &OutputLimits::default()));
+        let small = worst_case_tokens(&schema_for(
+            Branch::ExplicitPreference,
+            &OutputLimits::default(),
+        ));
         let big = worst_case_tokens(&schema_for(
             Branch::ExplicitPreference,
             &OutputLimits {

@@ -77,7 +77,9 @@ pub fn server() -> &'static TestServer {
                 }
             });
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server bound");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server bound");
         let base = format!("http://{addr}");
         // Tests call this from inside their own runtime: poll from a plain thread.
         let poll = base.clone();
@@ -108,11 +110,17 @@ fn wait_ready(base: &str) {
     });
 }
 
-pub async fn post_json(path: &str, body: &serde_json::Value) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+pub async fn post_json(
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
     post_raw(path, serde_json::to_vec(body).unwrap()).await
 }
 
-pub async fn post_raw(path: &str, body: Vec<u8>) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+pub async fn post_raw(
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
     let s = server();
     let r = reqwest::Client::new()
         .post(format!("{}{path}", s.base))
@@ -125,6 +133,7 @@ pub async fn post_raw(path: &str, body: Vec<u8>) -> (u16, reqwest::header::Heade
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let text = r.text().await.expect("body");
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
     (status, headers, json)
 }
