@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{base_args, metric, tiny_model_dir};
+use common::{base_args, metric, set_flag, tiny_model_dir};
 use memex::limits::KeyHash;
 use serde_json::{json, Value};
 
@@ -290,13 +290,11 @@ async fn sigint_exits_zero_within_the_drain_timeout_even_with_work_left() {
             "300",
             "--drain-timeout",
             "0.5",
-            "--max-items",
-            "6",
-            "--max-text-chars",
-            "120",
         ]
         .map(String::from),
     );
+    set_flag(&mut args, "--max-items", "6");
+    set_flag(&mut args, "--max-text-chars", "120");
     let mut s = Server::start(args, None);
     let warned = s.json_lines().into_iter().any(|l| {
         l["level"] == "WARN"

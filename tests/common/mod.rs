@@ -68,11 +68,32 @@ pub fn base_args(model_dir: &Path) -> Vec<String> {
     .to_vec()
 }
 
-/// The default server: key auth with [`TEST_KEY`] (no limits), input limit [`MAX_INPUT_TOKENS`].
+/// Set `--name value` in `args`, replacing the value when the flag is already there (clap refuses
+/// a flag given twice).
+pub fn set_flag(args: &mut Vec<String>, name: &str, value: &str) {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args[i + 1] = value.to_string(),
+        None => args.extend([name.to_string(), value.to_string()]),
+    }
+}
+
+/// The default server: key auth with [`TEST_KEY`] (no rate limits), input limit
+/// [`MAX_INPUT_TOKENS`], admission wide enough never to turn a test away.
 pub fn server() -> &'static TestServer {
     SERVER.get_or_init(|| {
         let mut args = base_args(&tiny_model_dir());
-        args.extend(["--max-input-tokens", &MAX_INPUT_TOKENS.to_string()].map(String::from));
+        // Room for every concurrent test of a binary: these tests are about answers, not load.
+        args.extend(
+            [
+                "--max-input-tokens",
+                &MAX_INPUT_TOKENS.to_string(),
+                "--max-concurrent",
+                "16",
+                "--queue-timeout",
+                "600",
+            ]
+            .map(String::from),
+        );
         spawn_with_keys(args, &format!("{TEST_KEY} rps=0 tpm=0\n"))
     })
 }
