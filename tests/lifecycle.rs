@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::openapi::Spec;
 use common::{base_args, metric, set_flag, tiny_model_dir};
 use memex::limits::KeyHash;
 use serde_json::{json, Value};
@@ -173,16 +174,26 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
     );
     let mut s = Server::start(args, Some(&format!("{KEY} rps=0 tpm=0\n")));
 
-    // Live at once; ready only after loading and the warm-up generation.
+    // The port answers from the start: work is turned away with a retry hint while the model
+    // loads, the process is live, and ready only after loading and the warm-up generation.
+    let (status, headers, body) =
+        common::post(&s.base, "/extract/memory", Some(KEY), extract_body(0)).await;
+    assert_eq!(
+        (status, body["code"].as_u64()),
+        (503, Some(50004)),
+        "{body}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    let spec = Spec::fetch(&s.base).await;
+    spec.check("/extract/memory", "post", status, &headers, &body);
     let (live, _, body) = common::get(&format!("{}/health/live", s.base)).await;
     assert_eq!(live, 200, "{body}");
     let mut readiness = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let (status, headers, _) = common::get(&format!("{}/health/ready", s.base)).await;
-        if status == 503 {
-            assert!(headers.contains_key("retry-after"));
-        }
+        let (status, headers, body) = common::get(&format!("{}/health/ready", s.base)).await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        spec.check("/health/ready", "get", status, &headers, &body);
         readiness.push(status);
         if status == 200 {
             break;
