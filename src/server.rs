@@ -8,8 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::ServeArgs;
-use crate::engine::mistral::MistralEngine;
-use crate::engine::{Engine, ModelSource};
+use crate::engine::ModelSource;
 use crate::pipeline::Extractor;
 
 /// A running server: its address, and a handle that ends with it.
@@ -51,8 +50,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
 }
 
 async fn load(source: &ModelSource, args: &ServeArgs) -> anyhow::Result<Arc<Extractor>> {
-    let engine = MistralEngine::load(source, &args.engine()).await?;
-    let engine: Arc<dyn Engine> = Arc::new(engine);
+    let engine = crate::engine::load(args.engine, source, &args.mistral(), &args.native()).await?;
     let extractor = Extractor::new(engine, args.pipeline())?;
     tracing::info!("ready");
     Ok(Arc::new(extractor))
