@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh --smollm2
+# memex refuses to serve without keys or an explicit --no-auth: unless either is configured, the
+# demo serves the key `demo`.
+if [[ -z "${MEMEX_API_KEYS:-}${MEMEX_API_KEY:-}${MEMEX_NO_AUTH:-}" ]] \
+  && ! printf '%s\n' "$@" | grep -qE '^--(api-keys?|no-auth)(=|$)'; then
+  export MEMEX_API_KEY=demo
+  echo "serve-demo: API key 'demo' (send 'Authorization: Token demo')" >&2
+fi
 # Same target dir as the tests and CI: one build serves all three.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/memex-target}"
 exec cargo run --locked --bin memex -- serve \

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -10,6 +11,9 @@ use crate::api::HttpConfig;
 use crate::engine::mistral::MistralOptions;
 use crate::engine::native::NativeOptions;
 use crate::engine::EngineKind;
+use crate::limits::admission::AdmissionConfig;
+use crate::limits::auth::{AuthConfig, SecretKey};
+use crate::limits::rate::RateLimits;
 use crate::pipeline::schema::OutputLimits;
 use crate::pipeline::PipelineConfig;
 
@@ -24,6 +28,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start and moved out at once: the size of the serve variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve POST /extract/memory on a local model.
@@ -106,6 +112,65 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "MEMEX_LOG_JSON")]
     pub log_json: bool,
+
+    /// API key file: one key per line, optionally followed by `rps=N burst=N tpm=N`.
+    #[arg(long, env = "MEMEX_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+
+    /// API keys (comma-separated in MEMEX_API_KEY; prefer the variable, the flag shows in `ps`).
+    #[arg(
+        long,
+        env = "MEMEX_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<SecretKey>,
+
+    /// Serve without authentication (logged as a warning at start).
+    #[arg(long, env = "MEMEX_NO_AUTH")]
+    pub no_auth: bool,
+
+    /// Requests per second per key, for keys that set no `rps=` (0 = unlimited).
+    #[arg(long, env = "MEMEX_RATE_RPS", default_value_t = 10.0)]
+    pub rate_rps: f64,
+
+    /// Requests a key may send back to back before `--rate-rps` applies.
+    #[arg(long, env = "MEMEX_RATE_BURST", default_value_t = 20)]
+    pub rate_burst: u32,
+
+    /// Input tokens per minute per key, for keys that set no `tpm=` (0 = unlimited).
+    #[arg(long, env = "MEMEX_TOKENS_PER_MINUTE", default_value_t = 100_000)]
+    pub tokens_per_minute: u32,
+
+    /// Requests generating at once; further requests queue.
+    #[arg(long, env = "MEMEX_MAX_CONCURRENT", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent: u32,
+
+    /// Requests waiting for a generation slot; beyond it, 503 at once (0 = no queue).
+    #[arg(long, env = "MEMEX_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Longest wait for a generation slot before a 503, in seconds.
+    #[arg(long, env = "MEMEX_QUEUE_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
+    pub queue_timeout: f64,
+
+    /// On SIGTERM/SIGINT, longest wait for accepted requests before exiting, in seconds.
+    #[arg(long, env = "MEMEX_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
+    pub drain_timeout: f64,
+
+    /// Serve /metrics on this port instead of the API port (0 = any free port).
+    #[arg(long, env = "MEMEX_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds between 0 and 86400"
+        )),
+    }
 }
 
 impl ServeArgs {
@@ -148,6 +213,38 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
         }
     }
+
+    pub fn auth(&self) -> AuthConfig {
+        AuthConfig {
+            no_auth: self.no_auth,
+            key_file: self.api_keys.clone(),
+            keys: self.api_key.clone(),
+            defaults: RateLimits {
+                requests_per_second: self.rate_rps.max(0.0),
+                burst: self.rate_burst,
+                tokens_per_minute: self.tokens_per_minute,
+            },
+        }
+    }
+
+    pub fn admission(&self) -> AdmissionConfig {
+        AdmissionConfig {
+            max_concurrent: self.max_concurrent as usize,
+            max_queue: self.max_queue,
+            queue_timeout: Duration::from_secs_f64(self.queue_timeout),
+        }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_timeout)
+    }
+
+    /// Where `/metrics` is served, when not on the API port.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        self.metrics_port
+            .map(|port| Ok(format!("{}:{port}", self.host).parse()?))
+            .transpose()
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +262,52 @@ mod tests {
         assert_eq!(args.max_input_tokens, 8000);
         assert_eq!(args.pipeline().limits.max_items, 3);
         assert_eq!(args.addr().unwrap().to_string(), "0.0.0.0:8080");
+        let admission = args.admission();
+        assert_eq!((admission.max_concurrent, admission.max_queue), (8, 64));
+        assert_eq!(admission.queue_timeout, Duration::from_secs(30));
+        assert_eq!(args.drain_timeout(), Duration::from_secs(30));
+        assert!(args.metrics_addr().unwrap().is_none());
+        let auth = args.auth();
+        assert!(!auth.no_auth && auth.key_file.is_none());
+        assert_eq!(auth.defaults.tokens_per_minute, 100_000);
+    }
+
+    #[test]
+    fn serving_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "memex",
+            "serve",
+            "--model",
+            "/m",
+            "--api-key",
+            "sekrit1,sekrit2",
+            "--queue-timeout",
+            "0.5",
+            "--max-concurrent",
+            "2",
+            "--metrics-port",
+            "9100",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.api_key.len(), 2);
+        assert_eq!(args.admission().queue_timeout, Duration::from_millis(500));
+        assert_eq!(args.admission().max_concurrent, 2);
+        assert_eq!(args.metrics_addr().unwrap().unwrap().port(), 9100);
+        // The effective configuration is logged at start: no key in it.
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("sekrit"), "{shown}");
+        for bad in [
+            ["--max-concurrent", "0"],
+            ["--queue-timeout", "-1"],
+            ["--drain-timeout", "soon"],
+        ] {
+            let mut argv = vec!["memex", "serve", "--model", "/m"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

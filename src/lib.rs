@@ -1,13 +1,16 @@
 //! memex: a self-hosted server that turns chat dialogue into structured memories.
 //!
 //! The request path is the module layout:
-//! HTTP ([`api`]) → pipeline ([`pipeline`]: clean, language, branches, prompts, schemas, output)
-//! → engine ([`engine`]: the model behind one trait) → response. [`server`] owns the process
-//! lifecycle, [`config`] the command line, [`telemetry`] logging.
+//! HTTP ([`api`]) → admission ([`limits`]: keys, rate limits, a bounded queue) → pipeline
+//! ([`pipeline`]: clean, language, branches, prompts, schemas, output) → engine ([`engine`]: the model behind one trait) → response. [`server`] starts and stops the
+//! process through the phases of [`lifecycle`], [`config`] is the command line, [`telemetry`]
+//! logging and metrics.
 
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod lifecycle;
+pub mod limits;
 pub mod pipeline;
 pub mod server;
 pub mod telemetry;

@@ -1,62 +1,181 @@
-//! Process lifecycle: resolve the model path, bind, load the model in the background while the
-//! port answers 503, then serve until SIGINT/SIGTERM.
+//! Process lifecycle: resolve the model path and keys, bind, load and warm up the model in the
+//! background while the port answers 503, serve, and on SIGINT/SIGTERM drain (see
+//! [`crate::lifecycle`]) and stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, MetricsRoute};
 use crate::config::ServeArgs;
 use crate::engine::ModelSource;
+use crate::lifecycle::{Lifecycle, Phase};
+use crate::limits::KeyRing;
 use crate::pipeline::Extractor;
+use crate::telemetry::engine::MeteredEngine;
+use crate::telemetry::Metrics;
 
 /// A running server: its address, and a handle that ends with it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is, when `--metrics-port` put it on its own port.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: AppState,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// Check the model path, bind, and start loading; returns once the port is bound.
+impl Running {
+    /// Drain and stop, exactly as on SIGTERM.
+    pub fn shutdown(&self) {
+        self.state.lifecycle().request_shutdown();
+    }
+}
+
+/// Check the model path and keys, bind, and start loading; returns once the port is bound.
 pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
-    // Before binding: a wrong path must fail the start, not leave a server that never gets ready.
+    // Before binding: a wrong path or key file must fail the start, not leave a server that never
+    // gets ready or that nobody can use.
     let source = ModelSource::resolve(&args.model, args.tokenizer.as_deref())?;
+    let keys = KeyRing::load(&args.auth())?;
+    log_auth(&keys);
     let listener = TcpListener::bind(args.addr()?).await?;
     let addr = listener.local_addr()?;
-    let state = AppState::new(args.http());
-    tracing::info!(%addr, "listening; loading model");
+    let metrics_listener = match args.metrics_addr()? {
+        Some(metrics_addr) => Some(TcpListener::bind(metrics_addr).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    let metrics = Arc::new(Metrics::new());
+    let lifecycle = Lifecycle::new();
+    let state = AppState::new(api::Parts {
+        http: args.http(),
+        keys,
+        admission: args.admission(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+    });
+    tracing::info!(%addr, ?metrics_addr, "listening; loading model");
 
+    let drain_timeout = args.drain_timeout();
     let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let loader_state = state.clone();
     tokio::spawn(async move {
-        match load(&source, &args).await {
-            Ok(extractor) => loader_state.set_ready(extractor),
+        match load_and_warm_up(&source, &args, &loader_state).await {
+            Ok(extractor) => {
+                loader_state.set_ready(extractor);
+                tracing::info!("ready");
+            }
             Err(e) => {
                 let _ = load_failed_tx.send(e);
             }
         }
     });
 
-    let router = api::router(state.clone());
-    let task = tokio::spawn(async move {
-        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal());
-        tokio::select! {
-            served = server => Ok(served?),
-            Ok(err) = load_failed_rx => Err(err.context("loading the model failed")),
-        }
+    let metrics_task = metrics_listener.map(|l| {
+        let router = api::metrics_router(state.clone());
+        tokio::spawn(async move { axum::serve(l, router).await })
     });
-    Ok(Running { addr, state, task })
+    let metrics_route = match metrics_task {
+        Some(_) => MetricsRoute::Separate,
+        None => MetricsRoute::Included,
+    };
+    let router = api::router(state.clone(), metrics_route);
+    let task = tokio::spawn(async move {
+        let result =
+            serve_until_drained(listener, router, lifecycle, drain_timeout, load_failed_rx).await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        result
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        state,
+        task,
+    })
 }
 
-async fn load(source: &ModelSource, args: &ServeArgs) -> anyhow::Result<Arc<Extractor>> {
+async fn load_and_warm_up(
+    source: &ModelSource,
+    args: &ServeArgs,
+    state: &AppState,
+) -> anyhow::Result<Arc<Extractor>> {
+    let extractor = load(source, args, state.metrics()).await?;
+    let info = extractor.engine().info();
+    state
+        .metrics()
+        .model_load_seconds
+        .set(info.load_time.as_secs_f64());
+    state.lifecycle().advance(Phase::WarmingUp);
+    let took = extractor
+        .warm_up()
+        .await
+        .map_err(|e| anyhow::anyhow!("warm-up generation failed: {e}"))?;
+    tracing::info!(seconds = took.as_secs_f64(), "warm-up generation done");
+    Ok(extractor)
+}
+
+fn log_auth(keys: &KeyRing) {
+    if keys.is_enabled() {
+        tracing::info!(keys = ?keys.describe(), "API keys loaded (shown by hash)");
+    } else {
+        tracing::warn!(
+            "authentication is OFF (--no-auth): anyone who can reach this port can use the model"
+        );
+    }
+}
+
+/// Serve until a shutdown is asked for, drain, then stop. A drain that times out leaves its
+/// connections open; they are closed after a short grace rather than waited for.
+async fn serve_until_drained(
+    listener: TcpListener,
+    router: axum::Router,
+    lifecycle: Arc<Lifecycle>,
+    drain_timeout: Duration,
+    load_failed: tokio::sync::oneshot::Receiver<anyhow::Error>,
+) -> anyhow::Result<()> {
+    const CLOSE_GRACE: Duration = Duration::from_secs(2);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let graceful = async move {
+        shutdown_signal(&lifecycle).await;
+        lifecycle.drain(drain_timeout).await;
+        let _ = drained_tx.send(());
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
+    let closed_after_drain = async {
+        match drained_rx.await {
+            Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = server => Ok(served?),
+        () = closed_after_drain => {
+            tracing::warn!("connections still open after the drain; closing them");
+            Ok(())
+        }
+        Ok(err) = load_failed => Err(err.context("loading the model failed")),
+    }
+}
+
+async fn load(
+    source: &ModelSource,
+    args: &ServeArgs,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<Extractor>> {
     let engine = crate::engine::load(args.engine, source, &args.mistral(), &args.native()).await?;
+    let engine = MeteredEngine::wrap(engine, metrics.clone());
     let extractor = Extractor::new(engine, args.pipeline())?;
-    tracing::info!("ready");
     Ok(Arc::new(extractor))
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(lifecycle: &Lifecycle) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -72,6 +191,7 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+        _ = lifecycle.shutdown_requested() => {},
     }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
+    tracing::info!("shutdown requested");
 }

@@ -25,14 +25,66 @@ pub const VOCAB: usize = 256 + SPECIAL_TOKENS.len();
 
 const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// The vocabulary the weights are shaped for.
+struct Vocab {
+    size: usize,
+    bos: usize,
+    eos: usize,
+    /// Bias byte tokens as described at [`embeddings`]; only meaningful for the byte tokenizer.
+    byte_bias: bool,
+}
+
 /// Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
 /// generation_config.json into `dir`. The same seed gives the same bytes.
 pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&tokenizer_json())?,
+    )?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&tokenizer_config())?,
+    )?;
+    let vocab = Vocab {
+        size: VOCAB,
+        bos: 256,
+        eos: 258,
+        byte_bias: true,
+    };
+    write_model(dir, seed, &vocab)
+}
+
+/// The same tiny network with a real tokenizer (a directory holding `tokenizer.json` and
+/// `tokenizer_config.json`, e.g. Qwen3's): the vocabulary grows to the tokenizer's and the rest
+/// stays tiny. For tests that need the production model's token counts and chat template.
+pub fn write_with_tokenizer(dir: &Path, seed: u64, tokenizer_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizer_dir.join(name), dir.join(name))?;
+    }
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("reading the tokenizer: {e}"))?;
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .map(|i| i as usize)
+            .ok_or_else(|| anyhow::anyhow!("the tokenizer has no {t}"))
+    };
+    let vocab = Vocab {
+        // Padded to a multiple of 128 like real checkpoints.
+        size: tok.get_vocab_size(true).div_ceil(128) * 128,
+        bos: id("<|endoftext|>")?,
+        eos: id("<|im_end|>")?,
+        byte_bias: false,
+    };
+    write_model(dir, seed, &vocab)
+}
+
+fn write_model(dir: &Path, seed: u64, vocab: &Vocab) -> anyhow::Result<()> {
     let config = json!({
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
-        "vocab_size": VOCAB,
+        "vocab_size": vocab.size,
         "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE,
         "num_hidden_layers": LAYERS,
@@ -50,22 +102,14 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
         "max_window_layers": LAYERS,
         "torch_dtype": "float32",
         "bos_token_id": 0,
-        "eos_token_id": 258
+        "eos_token_id": vocab.eos
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
     std::fs::write(
         dir.join("generation_config.json"),
-        serde_json::to_vec_pretty(&json!({"eos_token_id": 258, "bos_token_id": 256}))?,
+        serde_json::to_vec_pretty(&json!({"eos_token_id": vocab.eos, "bos_token_id": vocab.bos}))?,
     )?;
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        serde_json::to_vec(&tokenizer_json())?,
-    )?;
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        serde_json::to_vec_pretty(&tokenizer_config())?,
-    )?;
-    write_weights(&dir.join("model.safetensors"), seed)?;
+    write_weights(&dir.join("model.safetensors"), seed, vocab)?;
     Ok(())
 }
 
@@ -165,9 +209,12 @@ impl Rng {
 /// logit bias: `]` is pushed down (arrays fill to `maxItems`, strings to `maxLength`) and ASCII
 /// letters slightly up (text stays mostly one byte per character). Outputs then hit the schema
 /// bounds instead of the trivial `{"memories":[]}`, which is what the tests need to exercise.
-fn embeddings(rng: &mut Rng, scale: f32) -> Vec<f32> {
-    let mut e = rng.tensor(VOCAB * HIDDEN, scale);
-    for t in 0..VOCAB {
+fn embeddings(rng: &mut Rng, scale: f32, vocab: &Vocab) -> Vec<f32> {
+    let mut e = rng.tensor(vocab.size * HIDDEN, scale);
+    if !vocab.byte_bias {
+        return e;
+    }
+    for t in 0..vocab.size {
         let bias = match u8::try_from(t) {
             Ok(b']') => -0.4,
             Ok(b) if b.is_ascii_alphabetic() || b == b' ' => 0.05,
@@ -178,7 +225,7 @@ fn embeddings(rng: &mut Rng, scale: f32) -> Vec<f32> {
     e
 }
 
-fn write_weights(path: &Path, seed: u64) -> anyhow::Result<()> {
+fn write_weights(path: &Path, seed: u64, vocab: &Vocab) -> anyhow::Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
 
     let mut rng = Rng(seed);
@@ -189,8 +236,8 @@ fn write_weights(path: &Path, seed: u64) -> anyhow::Result<()> {
     let w = 0.08;
     add(
         "model.embed_tokens.weight".into(),
-        vec![VOCAB, HIDDEN],
-        embeddings(&mut rng, w),
+        vec![vocab.size, HIDDEN],
+        embeddings(&mut rng, w, vocab),
     );
     add("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]);
     for l in 0..LAYERS {

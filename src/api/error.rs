@@ -9,7 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::api::types::{Envelope, ExtractData};
+use crate::limits::{AdmissionError, AuthError, RateError};
 use crate::pipeline::PipelineError;
+use crate::telemetry::http::ErrorOutcome;
+use crate::telemetry::Rejection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -23,6 +26,15 @@ pub enum ApiError {
     TooManyTokens { counted: usize, limit: usize },
     #[error("request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// Missing, malformed (40100) or unknown (40132) API key.
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// The caller's request rate (40300) or input-token quota (40301).
+    #[error("{0}")]
+    RateLimited(RateError),
+    /// Queue full, or no slot within the queue timeout.
+    #[error("{0}")]
+    Overloaded(AdmissionError),
     #[error("server is not ready: {reason}")]
     Unavailable {
         reason: String,
@@ -42,11 +54,66 @@ impl ApiError {
             Self::EmptyInput(_) => (StatusCode::BAD_REQUEST, 40002),
             Self::TooManyTokens { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 40305),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 40000),
-            Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, 50004),
+            Self::Unauthorized(AuthError::Missing | AuthError::Malformed) => {
+                (StatusCode::UNAUTHORIZED, 40100)
+            }
+            Self::Unauthorized(AuthError::Unknown) => (StatusCode::UNAUTHORIZED, 40132),
+            Self::RateLimited(RateError::Requests { .. }) => (StatusCode::TOO_MANY_REQUESTS, 40300),
+            Self::RateLimited(RateError::Tokens { .. } | RateError::OverWholeQuota { .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, 40301)
+            }
+            Self::Overloaded(_) | Self::Unavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, 50004)
+            }
             Self::ExtractionFailed { .. } | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, 50000)
             }
         }
+    }
+
+    /// The `reason` of `memex_rejections_total`; `None` for failures of the server itself.
+    pub fn rejection(&self) -> Option<Rejection> {
+        Some(match self {
+            Self::InvalidRequest(_) | Self::EmptyInput(_) => Rejection::Invalid,
+            Self::TooManyTokens { .. } | Self::BodyTooLarge { .. } => Rejection::TooLong,
+            Self::Unauthorized(_) => Rejection::Auth,
+            Self::RateLimited(RateError::Requests { .. }) => Rejection::Rate,
+            Self::RateLimited(_) => Rejection::Quota,
+            Self::Overloaded(_) => Rejection::Overloaded,
+            Self::Unavailable { .. } => Rejection::NotReady,
+            Self::ExtractionFailed { .. } | Self::Internal(_) => return None,
+        })
+    }
+
+    /// Seconds a client should wait before retrying; set on every 429 and 503.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited(e) => Some(e.retry_after_secs()),
+            // A slot frees when any generation ends: typically within seconds.
+            Self::Overloaded(_) => Some(1),
+            Self::Unavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self::Unauthorized(e)
+    }
+}
+
+impl From<RateError> for ApiError {
+    fn from(e: RateError) -> Self {
+        Self::RateLimited(e)
+    }
+}
+
+impl From<AdmissionError> for ApiError {
+    fn from(e: AdmissionError) -> Self {
+        Self::Overloaded(e)
     }
 }
 
@@ -72,26 +139,27 @@ impl From<PipelineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        // 503s are load shedding, already counted as rejections; only real failures are errors.
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(code, error = %self, "request failed");
         }
-        let retry_after = match &self {
-            Self::Unavailable {
-                retry_after_secs, ..
-            } => Some(*retry_after_secs),
-            _ => None,
-        };
+        let message = self.to_string();
         let body = Envelope::<ExtractData> {
             code,
-            message: self.to_string(),
+            message: message.clone(),
             data: None,
         };
         let mut response = (status, Json(body)).into_response();
-        if let Some(secs) = retry_after {
+        if let Some(secs) = self.retry_after_secs() {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        response.extensions_mut().insert(ErrorOutcome {
+            code,
+            rejection: self.rejection(),
+            message,
+        });
         response
     }
 }
@@ -122,11 +190,66 @@ mod tests {
                 503,
                 50004,
             ),
+            (ApiError::Unauthorized(AuthError::Missing), 401, 40100),
+            (ApiError::Unauthorized(AuthError::Malformed), 401, 40100),
+            (ApiError::Unauthorized(AuthError::Unknown), 401, 40132),
+            (
+                ApiError::RateLimited(RateError::Requests {
+                    per_second: 1.0,
+                    burst: 1,
+                    retry_after: std::time::Duration::from_millis(300),
+                }),
+                429,
+                40300,
+            ),
+            (
+                ApiError::RateLimited(RateError::OverWholeQuota {
+                    requested: 10,
+                    per_minute: 5,
+                }),
+                429,
+                40301,
+            ),
+            (
+                ApiError::Overloaded(AdmissionError::Full {
+                    max_concurrent: 1,
+                    max_queue: 0,
+                }),
+                503,
+                50004,
+            ),
             (ApiError::Internal("x".into()), 500, 50000),
         ];
         for (err, status, code) in cases {
             let (s, c) = err.status_and_code();
             assert_eq!((s.as_u16(), c), (status, code), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn every_429_and_503_says_when_to_retry() {
+        let errors = [
+            ApiError::RateLimited(RateError::Tokens {
+                requested: 10,
+                per_minute: 20,
+                retry_after: std::time::Duration::from_millis(1500),
+            }),
+            ApiError::Overloaded(AdmissionError::TimedOut {
+                timeout: std::time::Duration::from_secs(1),
+            }),
+            ApiError::Unavailable {
+                reason: "draining".into(),
+                retry_after_secs: 5,
+            },
+        ];
+        for e in errors {
+            let response = e.into_response();
+            let secs: u64 = response.headers()[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(secs >= 1);
         }
     }
 

@@ -1,49 +1,77 @@
 //! `POST /extract/memory` (also under the hosted prefix `/api/openmem/v1`).
+//!
+//! The stages run in the order of `crate::limits`: key → body → readiness → input checks and the
+//! token count → request rate → token quota → a generation slot → the pipeline. Each stage that
+//! turns a request away does so before the next one counts or holds anything for it.
 
-use std::time::Instant;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 
 use crate::api::error::ApiError;
 use crate::api::types::{Envelope, ExtractRequest};
 use crate::api::AppState;
-use crate::pipeline::ExtractInput;
+use crate::pipeline::{ExtractInput, Extraction, PipelineError};
+use crate::telemetry::http::RequestRecord;
 
+#[utoipa::path(
+    post,
+    path = "/extract/memory",
+    tag = "extraction",
+    request_body = ExtractRequest,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Memories extracted", body = crate::api::openapi::ExtractResponse,
+            headers(
+                ("x-request-id" = String, description = "Id of this request, also in the server log"),
+                ("x-queue-time" = String, description = "Seconds spent waiting for a generation slot"),
+                ("x-inference-time" = String, description = "Seconds of generation (longest branch)"),
+                ("x-input-tokens" = String, description = "Tokens of the message contents"),
+                ("x-prompt-tokens" = String, description = "Prompt tokens over all branches"),
+                ("x-generated-tokens" = String, description = "Generated tokens over all branches"),
+                ("x-language" = String, description = "Detected dialogue language"),
+            )),
+        (status = 400, description = "40000: not JSON, wrong types, unknown role, non-text content, unknown or empty extraction_types. 40002: messages missing or empty, or a message empty after trimming", body = crate::api::openapi::ErrorResponse),
+        (status = 401, description = "40100: no `Authorization: Token <key>` header, or a malformed one. 40132: unknown key", body = crate::api::openapi::ErrorResponse),
+        (status = 413, description = "40305: input over the token limit (the message gives the count and the limit). 40000: body over the byte limit", body = crate::api::openapi::ErrorResponse),
+        (status = 429, description = "40300: the key's request rate exceeded. 40301: the key's input-token quota exceeded", body = crate::api::openapi::ErrorResponse,
+            headers(("retry-after" = u64, description = "Whole seconds to wait"))),
+        (status = 500, description = "50000: an extraction branch failed even after its retry (the branch is named)", body = crate::api::openapi::ErrorResponse),
+        (status = 503, description = "50004: server full (queue bounded) or queue wait timed out, model loading, or draining", body = crate::api::openapi::ErrorResponse,
+            headers(("retry-after" = u64, description = "Whole seconds to wait"))),
+    )
+)]
 pub async fn extract_memory(
     State(state): State<AppState>,
+    record: Option<Extension<RequestRecord>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let (mut response, branches) = match handle(&state, body).await {
-        Ok(r) => r,
-        Err(e) => (e.into_response(), String::new()),
-    };
-    let status = response.status();
-    let headers = response.headers_mut();
-    set_header(headers, "x-request-id", &request_id);
-    tracing::info!(
-        request_id,
-        status = status.as_u16(),
-        total_ms = started.elapsed().as_millis() as u64,
-        prompt_tokens = header_str(headers, "x-prompt-tokens"),
-        generated_tokens = header_str(headers, "x-generated-tokens"),
-        branches,
-        "extract"
-    );
-    response
+    // Counted from arrival, so a drain waits for requests still being checked, too.
+    let _accepted = state.lifecycle().track();
+    let record = record.map(|Extension(r)| r).unwrap_or_default();
+    match handle(&state, &record, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
 }
 
-/// The response, and a per-branch summary for the request's log line.
 async fn handle(
     state: &AppState,
+    record: &RequestRecord,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(Response, String), ApiError> {
+) -> Result<Response, ApiError> {
+    let caller = state
+        .keys()
+        .authenticate(headers.get(header::AUTHORIZATION))?;
+    record.update(|f| f.key_hash = Some(caller.key_hash.clone()));
+
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::BodyTooLarge {
@@ -55,15 +83,73 @@ async fn handle(
     })?;
     let request = ExtractRequest::from_json(&body)?;
     let extractor = state.ready_extractor()?;
-    let extraction = extractor
-        .extract(ExtractInput {
+    let prepared = extractor
+        .prepare(ExtractInput {
             messages: request.messages,
             extraction_types: request.extraction_types,
         })
         .await?;
+    let input_tokens = prepared.input_tokens;
+    record.update(|f| f.input_tokens = Some(input_tokens));
 
+    caller.limiter.check_request()?;
+    caller.limiter.charge_tokens(input_tokens)?;
+
+    let permit = state.admission().admit().await?;
+    let metrics = state.metrics();
+    metrics.queue_wait.observe(permit.queue_time.as_secs_f64());
+    metrics.input_tokens.inc_by(input_tokens as u64);
+    record.update(|f| f.queue_time = Some(permit.queue_time));
+
+    let extraction = extractor.run(prepared).await.inspect_err(|e| {
+        // A branch that failed for good was retried once first.
+        if let PipelineError::Branch { branch, .. } = e {
+            metrics
+                .branch_retries
+                .with_label_values(&[branch.name()])
+                .inc();
+        }
+    })?;
+    let queue_time = permit.queue_time;
+    drop(permit);
+    Ok(success(state, record, extraction, queue_time))
+}
+
+fn success(
+    state: &AppState,
+    record: &RequestRecord,
+    extraction: Extraction,
+    queue_time: Duration,
+) -> Response {
+    let metrics = state.metrics();
+    for b in &extraction.branches {
+        let branch = [b.branch.name()];
+        metrics
+            .time_to_first_token
+            .with_label_values(&branch)
+            .observe(b.time_to_first_token.as_secs_f64());
+        metrics
+            .generation_duration
+            .with_label_values(&branch)
+            .observe(b.generation_time.as_secs_f64());
+        metrics
+            .prompt_tokens
+            .with_label_values(&branch)
+            .inc_by(b.prompt_tokens as u64);
+        metrics
+            .generated_tokens
+            .with_label_values(&branch)
+            .inc_by(b.generated_tokens as u64);
+        if b.attempts > 1 {
+            metrics
+                .branch_retries
+                .with_label_values(&branch)
+                .inc_by(u64::from(b.attempts - 1));
+        }
+    }
     let prompt_tokens: usize = extraction.branches.iter().map(|b| b.prompt_tokens).sum();
     let generated: usize = extraction.branches.iter().map(|b| b.generated_tokens).sum();
+    // Branches run concurrently: the request waited for the longest one.
     let inference = extraction
         .branches
         .iter()
@@ -85,6 +171,13 @@ async fn handle(
         })
         .collect::<Vec<_>>()
         .join(" ");
+    record.update(|f| {
+        f.prompt_tokens = Some(prompt_tokens);
+        f.generated_tokens = Some(generated);
+        f.inference_time = Some(inference);
+        f.branches = Some(summary);
+    });
+
     let mut response = Json(Envelope {
         code: 0,
         message: "ok".into(),
@@ -99,24 +192,18 @@ async fn handle(
     );
     set_header(headers, "x-prompt-tokens", &prompt_tokens.to_string());
     set_header(headers, "x-generated-tokens", &generated.to_string());
-    set_header(
-        headers,
-        "x-inference-time",
-        &format!("{:.3}", inference.as_secs_f64()),
-    );
+    set_header(headers, "x-queue-time", &seconds(queue_time));
+    set_header(headers, "x-inference-time", &seconds(inference));
     set_header(headers, "x-language", extraction.language);
-    Ok((response, summary))
+    response
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
 }
 
 fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(HeaderName::from_static(name), v);
     }
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
 }

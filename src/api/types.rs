@@ -4,10 +4,11 @@
 //! way a body can be wrong maps to the contract's codes with a message that names the field.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::api::error::ApiError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     User,
@@ -16,7 +17,7 @@ pub enum Role {
 }
 
 /// One dialogue message as sent. Text only: any other field is rejected, not dropped.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WireMessage {
     pub role: Role,
@@ -27,7 +28,7 @@ pub struct WireMessage {
     pub chat_time: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ExtractionType {
     Memory,
@@ -36,7 +37,7 @@ pub enum ExtractionType {
 
 /// The request body. Unknown top-level fields are ignored (clients add fields over time); `null`
 /// means the same as absent (the official SDK sends `"model": null`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ExtractRequest {
     #[serde(default)]
     pub messages: Option<Vec<WireMessage>>,
@@ -70,7 +71,7 @@ pub struct Envelope<T> {
     pub data: Option<T>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ExtractData {
     pub success: bool,
     /// Absent (not empty) when `memory` was not requested.
@@ -81,13 +82,13 @@ pub struct ExtractData {
     pub preference_detail_list: Option<Vec<PreferenceItem>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum MemoryType {
     UserMemory,
     LongTermMemory,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MemoryItem {
     pub memory_key: String,
     pub memory_value: String,
@@ -95,14 +96,14 @@ pub struct MemoryItem {
     pub tags: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PreferenceType {
     ExplicitPreference,
     ImplicitPreference,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PreferenceItem {
     pub preference: String,
     pub reasoning: String,

@@ -25,8 +25,8 @@ use mistralrs::{
 };
 
 use super::{
-    DRY_BREAKERS, Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
-    PromptRole,
+    Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
+    PromptRole, DRY_BREAKERS,
 };
 
 /// The names llguidance's tokenizer bridge treats as EOS (toktrie_hf_tokenizers 1.9). Any of them

@@ -10,8 +10,8 @@
 //! generation within a few tokens. Implementations therefore drive requests as streams.
 
 pub mod mistral;
-pub mod native;
 pub mod model_source;
+pub mod native;
 
 use std::time::Duration;
 
@@ -50,7 +50,9 @@ pub async fn load(
     native: &native::NativeOptions,
 ) -> anyhow::Result<std::sync::Arc<dyn Engine>> {
     Ok(match kind {
-        EngineKind::Mistralrs => std::sync::Arc::new(mistral::MistralEngine::load(source, mistral).await?),
+        EngineKind::Mistralrs => {
+            std::sync::Arc::new(mistral::MistralEngine::load(source, mistral).await?)
+        }
         EngineKind::Native => {
             let (source, native) = (source.clone(), native.clone());
             // Reading and dequantising weights is blocking work.

@@ -71,6 +71,14 @@ pub struct Extraction {
     pub branches: Vec<BranchStats>,
 }
 
+/// A request that passed every input check, with its token count; see [`Extractor::prepare`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    dialogue: clean::Dialogue,
+    requested: Requested,
+    pub input_tokens: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     pub max_input_tokens: usize,
@@ -111,13 +119,42 @@ impl Extractor {
         &self.engine
     }
 
+    /// One short extraction through the whole path, before the server calls itself ready: the
+    /// first generation pays one-off costs (grammar compilation, buffers) that would otherwise
+    /// land on the first client, and a model that loads but cannot generate fails the start
+    /// instead of every request.
+    pub async fn warm_up(&self) -> Result<Duration, PipelineError> {
+        let started = std::time::Instant::now();
+        let message = WireMessage {
+            role: crate::api::types::Role::User,
+            content: Some("Hi, I'm Sam and I drink green tea every morning.".into()),
+            chat_time: None,
+        };
+        self.extract(ExtractInput {
+            messages: Some(vec![message]),
+            extraction_types: Some(vec![ExtractionType::Memory]),
+        })
+        .await?;
+        Ok(started.elapsed())
+    }
+
+    /// Both stages at once: for callers that do no admission of their own (warm-up, tools).
     pub async fn extract(&self, input: ExtractInput) -> Result<Extraction, PipelineError> {
+        let prepared = self.prepare(input).await?;
+        self.run(prepared).await
+    }
+
+    /// Validate, clean and count: everything a request is checked against before it may use the
+    /// engine. Cheap next to generation, so the server runs it before rate limits and admission,
+    /// and a request over the input limit never takes a queue place or a rate cell.
+    pub async fn prepare(&self, input: ExtractInput) -> Result<Prepared, PipelineError> {
         if input.extraction_types.as_ref().is_some_and(Vec::is_empty) {
             return Err(PipelineError::NoExtractionTypes);
         }
         let dialogue = clean::clean(input.messages)?;
         let requested = Requested::from_types(input.extraction_types.as_deref());
 
+        // The engine tokenizes on a blocking thread (or its own), never on the async workers.
         let input_tokens = self
             .engine
             .count_tokens(dialogue.joined_content())
@@ -129,7 +166,20 @@ impl Extractor {
                 limit: self.config.max_input_tokens,
             });
         }
+        Ok(Prepared {
+            dialogue,
+            requested,
+            input_tokens,
+        })
+    }
 
+    /// Generate for a prepared request: language, branches, prompts, engine, output mapping.
+    pub async fn run(&self, prepared: Prepared) -> Result<Extraction, PipelineError> {
+        let Prepared {
+            dialogue,
+            requested,
+            input_tokens,
+        } = prepared;
         let detect_on = dialogue.clone();
         let language = tokio::task::spawn_blocking(move || language::detect(&detect_on))
             .await

@@ -1,7 +1,16 @@
-//! Logging setup. `RUST_LOG` filters (default: info for memex, warn for the engine's crates,
-//! which log every request at info).
+//! Observability: logging setup, the Prometheus metrics ([`metrics`]), per-request observation
+//! and log lines ([`http`]), and the engine wrapper that counts engine errors ([`engine`]).
+//!
+//! `RUST_LOG` filters logs (default: info for memex, warn for the engine's crates, which log
+//! every request at info).
+
+pub mod engine;
+pub mod http;
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
+
+pub use metrics::{Metrics, Rejection};
 
 pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env()

@@ -244,7 +244,10 @@ mod tests {
         assert_eq!(a, t[0], "oldest released block is reused first");
         // Its registration is gone with its content: only the second block could still match,
         // and it cannot, because its parent is gone.
-        assert!(m.match_prefix(&(0..32).collect::<Vec<u32>>(), 32).0.is_empty());
+        assert!(m
+            .match_prefix(&(0..32).collect::<Vec<u32>>(), 32)
+            .0
+            .is_empty());
         assert!(m.allocate().is_some());
         assert!(m.allocate().is_none());
     }

@@ -39,11 +39,11 @@ use super::{
 };
 use kv_cache::{BlockManager, KvPool, BLOCK_SIZE};
 use model::{Model, Run};
-use stats::NativeStats;
-use std::sync::atomic::Ordering::Relaxed;
 use sampler::Dry;
 use scheduler::Scheduler;
 use sequence::{Finished, Sequence};
+use stats::NativeStats;
+use std::sync::atomic::Ordering::Relaxed;
 use tokenizer::ChatTemplate;
 
 #[derive(Debug, Clone)]
@@ -175,21 +175,23 @@ impl Engine for NativeEngine {
         })
         .await
         .map_err(|e| EngineError::Generation(e.to_string()))??;
-        if prompt.len() + max_tokens > self.max_positions {
+        if prompt.len() >= self.max_positions {
             return Err(EngineError::Rejected(format!(
-                "prompt of {} tokens plus up to {} generated does not fit the {} positions \
-                 available (model context and KV pool)",
+                "prompt of {} tokens does not fit the {} positions available (model context \
+                 and KV pool)",
                 prompt.len(),
-                max_tokens,
                 self.max_positions
             )));
         }
+        // The schema's worst case can exceed the context; real outputs are far shorter. A
+        // generation that does reach the end finishes with `Length`, which the caller reports.
+        let max_tokens = max_tokens.min(self.max_positions - prompt.len());
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Submission {
                 prompt,
                 matcher,
-                max_tokens: max_tokens,
+                max_tokens,
                 reply,
                 submitted,
             })

@@ -131,11 +131,7 @@ impl Model {
         let rows = Tensor::from_vec(last_rows, n_rows, &dev)?;
         let h = x.index_select(&rows, 0)?;
         let h = candle_nn::ops::rms_norm(&h, &self.weights.norm, c.rms_eps)?;
-        let logits = self
-            .weights
-            .lm_head
-            .forward(&h)?
-            .to_dtype(DType::F32)?;
+        let logits = self.weights.lm_head.forward(&h)?.to_dtype(DType::F32)?;
         let mut next = 0;
         let mut result = Vec::with_capacity(runs.len());
         for r in runs {
@@ -162,7 +158,11 @@ impl Model {
                 for head in row.chunks_exact_mut(d) {
                     for i in 0..half {
                         // GGUF Llama rotates adjacent pairs; HF layouts rotate the two halves.
-                        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                        let (a, b) = if interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + half)
+                        };
                         let (x0, x1) = (head[a], head[b]);
                         head[a] = x0 * cos[i] - x1 * sin[i];
                         head[b] = x0 * sin[i] + x1 * cos[i];
@@ -305,7 +305,10 @@ mod batch_tests {
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     fn alone(m: &Model, toks: &[u32]) -> Vec<f32> {

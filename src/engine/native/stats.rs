@@ -34,7 +34,13 @@ impl NativeStats {
         self.preemptions.store(s.preemptions, Relaxed);
     }
 
-    pub(super) fn record_step(&self, sequences: usize, tokens: usize, took: Duration, s: &Scheduler) {
+    pub(super) fn record_step(
+        &self,
+        sequences: usize,
+        tokens: usize,
+        took: Duration,
+        s: &Scheduler,
+    ) {
         self.steps.fetch_add(1, Relaxed);
         self.step_sequences.fetch_add(sequences as u64, Relaxed);
         self.step_tokens.fetch_add(tokens as u64, Relaxed);

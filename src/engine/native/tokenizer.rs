@@ -5,7 +5,6 @@
 //! BPE rebuilt from the `tokenizer.ggml.*` metadata (tokens, merges, control tokens) and the
 //! `tokenizer.chat_template` string — SmolLM2's GGUF ships no tokenizer.json anywhere we can reach.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context};
@@ -34,12 +33,15 @@ impl ChatTemplate {
         let mut env = Environment::new();
         // HF templates call Python string methods (`.strip()`, `.startswith()`, ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned("chat", source)
             .context("chat template does not parse")?;
         Ok(Self {
@@ -155,13 +157,13 @@ pub fn from_gguf(c: &gguf_file::Content) -> anyhow::Result<(Tokenizer, ChatTempl
             .collect::<Result<_, _>>()?,
         None => vec![1; tokens.len()],
     };
-    let vocab: HashMap<String, u32> = tokens
+    let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
     let bpe = BPE::builder()
-        .vocab_and_merges(vocab.into_iter().collect(), merges)
+        .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
     let mut tok = Tokenizer::new(bpe);

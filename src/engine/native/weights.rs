@@ -209,7 +209,9 @@ impl Weights {
             layers: num("num_hidden_layers")? as usize,
             heads,
             kv_heads: num("num_key_value_heads").unwrap_or(heads as f64) as usize,
-            head_dim: num("head_dim").map(|h| h as usize).unwrap_or(hidden / heads),
+            head_dim: num("head_dim")
+                .map(|h| h as usize)
+                .unwrap_or(hidden / heads),
             vocab: num("vocab_size")? as usize,
             rope_theta: num("rope_theta").unwrap_or(10_000.0) as f32,
             rms_eps: num("rms_norm_eps")? as f32,

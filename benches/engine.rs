@@ -1,0 +1,312 @@
+//! Prefill and decode tokens/s at 1, 4 and 8 concurrent requests, through the `Engine` trait only.
+//!
+//!     scripts/fetch-models.sh --smollm2          # optional: SmolLM2-135M-Instruct Q4_1 GGUF
+//!     cargo bench --bench engine                 # tiny Qwen3 and SmolLM2 (when fetched)
+//!     cargo bench --bench engine -- tiny         # only models whose name contains "tiny"
+//!
+//! Environment: `MEMEX_BENCH_ENGINE` (default `mistral`; see [`build_engine`]),
+//! `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS` (rounds per level, median kept;
+//! default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
+//! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_OUT` (also write
+//! the results as JSON there).
+//!
+//! Two workloads, each isolating one phase:
+//! - prefill: the real memory-branch prompt for a ~1,000-token corpus dialogue (rendered by the
+//!   pipeline), with a schema that allows only `{"ok":true}` or `{"ok":false}`. Rate = prompt
+//!   tokens of all requests / time until the last first token.
+//! - decode: a short prompt and a schema that forces one string of exactly N characters. Rate =
+//!   generated tokens after the first / time from the first first-token to the last token.
+//!
+//! The concurrent requests of one round carry the same prompt (equal lengths): mistralrs 0.8.1's
+//! CPU scheduler only batches sequences of equal length (see shared/docs/engine-notes.md), so this
+//! is its best case; the load tests measure the mixed case.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use memex::engine::mistral::MistralOptions;
+use memex::engine::native::NativeOptions;
+use memex::engine::{
+    Engine, FinishReason, GenerateRequest, Generation, ModelSource, PromptMessage, PromptRole,
+};
+use memex::pipeline::branch::Branch;
+use memex::pipeline::clean::{self, Dialogue};
+use memex::pipeline::language;
+use memex::pipeline::prompt::Prompts;
+
+/// The one place an engine is built: the way `server::load` builds it, selected by
+/// `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`).
+async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
+    use clap::ValueEnum;
+    let which = std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "native".into());
+    let kind = memex::engine::EngineKind::from_str(&which, true)
+        .map_err(|e| anyhow::anyhow!("MEMEX_BENCH_ENGINE {which:?}: {e}"))?;
+    memex::engine::load(
+        kind,
+        source,
+        &MistralOptions::default(),
+        &NativeOptions::default(),
+    )
+    .await
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A corpus dialogue by id, cleaned as the pipeline cleans it.
+fn corpus_dialogue(id: &str) -> Dialogue {
+    let lang = &id[..2];
+    let path = root().join(format!("loadtest/corpus/{lang}.json"));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let d = doc["dialogues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == id)
+        .unwrap_or_else(|| panic!("no dialogue {id} in the corpus"));
+    let body = serde_json::to_vec(&json!({"messages": d["messages"]})).unwrap();
+    let req = memex::api::types::ExtractRequest::from_json(&body).unwrap();
+    clean::clean(req.messages).unwrap()
+}
+
+fn guidance(mut schema: Value) -> Value {
+    schema["x-guidance"] = json!({
+        "whitespace_flexible": false, "item_separator": ",", "key_separator": ":",
+        "json_allowed_escapes": "\"\\n"
+    });
+    schema
+}
+
+fn prefill_request() -> GenerateRequest {
+    let dialogue = corpus_dialogue("en-1000-1");
+    let prompts = Prompts::new().unwrap();
+    let lang = language::detect(&dialogue);
+    let messages = prompts.render(Branch::Memory, &lang, &dialogue, 6).unwrap();
+    GenerateRequest {
+        messages,
+        schema: guidance(json!({
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": false
+        })),
+        max_tokens: 24,
+    }
+}
+
+fn decode_request(chars: usize) -> GenerateRequest {
+    GenerateRequest {
+        messages: vec![
+            PromptMessage {
+                role: PromptRole::System,
+                content: "You write short notes about a user's day.".into(),
+            },
+            PromptMessage {
+                role: PromptRole::User,
+                content: "Describe a calm Saturday morning in a city by the river.".into(),
+            },
+        ],
+        schema: guidance(json!({
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": chars, "maxLength": chars}},
+            "required": ["text"],
+            "additionalProperties": false
+        })),
+        // Byte-level worst case (4 bytes a character) plus the JSON around it.
+        max_tokens: 4 * chars + 32,
+    }
+}
+
+struct Round {
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    /// Time until every request had its first token.
+    last_first_token: Duration,
+    first_first_token: Duration,
+    wall: Duration,
+    not_stopped: usize,
+}
+
+async fn round(engine: &Arc<dyn Engine>, request: &GenerateRequest, n: usize) -> Round {
+    let started = Instant::now();
+    let runs = (0..n).map(|_| {
+        let engine = engine.clone();
+        let request = request.clone();
+        tokio::spawn(async move {
+            let g: Generation = engine.generate(request).await.expect("generation");
+            // Offsets from the common start (each Generation times from its own submission).
+            (g, started.elapsed())
+        })
+    });
+    let results: Vec<(Generation, Duration)> = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let wall = started.elapsed();
+    Round {
+        prompt_tokens: results.iter().map(|(g, _)| g.prompt_tokens).sum(),
+        generated_tokens: results.iter().map(|(g, _)| g.generated_tokens).sum(),
+        last_first_token: results
+            .iter()
+            .map(|(g, end)| *end - g.total_time + g.time_to_first_token)
+            .max()
+            .unwrap(),
+        first_first_token: results
+            .iter()
+            .map(|(g, end)| *end - g.total_time + g.time_to_first_token)
+            .min()
+            .unwrap(),
+        wall,
+        not_stopped: results
+            .iter()
+            .filter(|(g, _)| g.finish != FinishReason::Stop)
+            .count(),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    model: String,
+    engine: String,
+    concurrency: usize,
+    prompt_tokens_per_request: usize,
+    prefill_tokens_per_s: f64,
+    generated_tokens_per_request: usize,
+    decode_tokens_per_s: f64,
+    decode_tokens_per_s_per_sequence: f64,
+    rounds: usize,
+}
+
+async fn bench_model(name: &str, source: ModelSource, levels: &[usize], rounds: usize) -> Vec<Row> {
+    let t = Instant::now();
+    let engine = build_engine(&source).await.expect("engine loads");
+    eprintln!("{name}: loaded in {:.1} s", t.elapsed().as_secs_f64());
+    let prefill = prefill_request();
+    let decode = decode_request(env_or("MEMEX_BENCH_DECODE_CHARS", 256));
+    // Warm-up: first requests pay for one-off allocations and grammar setup.
+    round(&engine, &prefill, 1).await;
+    round(&engine, &decode, 1).await;
+
+    let mut rows = Vec::new();
+    for &n in levels {
+        let mut pre = Vec::new();
+        let mut dec = Vec::new();
+        let mut per_seq = Vec::new();
+        let (mut p_tokens, mut g_tokens) = (0, 0);
+        for _ in 0..rounds {
+            let p = round(&engine, &prefill, n).await;
+            pre.push(p.prompt_tokens as f64 / p.last_first_token.as_secs_f64());
+            p_tokens = p.prompt_tokens / n;
+            let d = round(&engine, &decode, n).await;
+            let window = (d.wall - d.first_first_token).as_secs_f64();
+            let after_first = d.generated_tokens.saturating_sub(n);
+            dec.push(after_first as f64 / window);
+            per_seq.push(after_first as f64 / n as f64 / window);
+            g_tokens = d.generated_tokens / n;
+            if p.not_stopped + d.not_stopped > 0 {
+                eprintln!(
+                    "{name} x{n}: {} generations ended by their length limit, not the grammar",
+                    p.not_stopped + d.not_stopped
+                );
+            }
+        }
+        let row = Row {
+            model: name.to_string(),
+            engine: std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "mistral".into()),
+            concurrency: n,
+            prompt_tokens_per_request: p_tokens,
+            prefill_tokens_per_s: median(pre),
+            generated_tokens_per_request: g_tokens,
+            decode_tokens_per_s: median(dec),
+            decode_tokens_per_s_per_sequence: median(per_seq),
+            rounds,
+        };
+        eprintln!(
+            "{name} x{n}: prefill {:.0} tok/s ({} tokens each), decode {:.1} tok/s ({:.1} per sequence, {} tokens each)",
+            row.prefill_tokens_per_s,
+            row.prompt_tokens_per_request,
+            row.decode_tokens_per_s,
+            row.decode_tokens_per_s_per_sequence,
+            row.generated_tokens_per_request
+        );
+        rows.push(row);
+    }
+    rows
+}
+
+fn models(tmp: &Path) -> Vec<(String, ModelSource)> {
+    let mut out = Vec::new();
+    let tiny = tmp.join("tiny-qwen3");
+    memex::tiny_model::write(&tiny, 42).expect("write tiny model");
+    out.push((
+        "tiny-qwen3".to_string(),
+        ModelSource::resolve(&tiny, None).unwrap(),
+    ));
+    let smol = std::env::var_os("MEMEX_BENCH_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    match ModelSource::resolve(&smol, None) {
+        Ok(source) => out.push(("smollm2-135m-q4_1".to_string(), source)),
+        Err(e) => eprintln!("skipping SmolLM2 ({e}); run scripts/fetch-models.sh --smollm2"),
+    }
+    out
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument filters models by name.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let levels: Vec<usize> = std::env::var("MEMEX_BENCH_LEVELS")
+        .unwrap_or_else(|_| "1,4,8".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("MEMEX_BENCH_LEVELS: numbers"))
+        .collect();
+    let rounds = env_or("MEMEX_BENCH_ROUNDS", 3usize).max(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut rows = Vec::new();
+    for (name, source) in models(tmp.path()) {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        rows.extend(rt.block_on(bench_model(&name, source, &levels, rounds)));
+    }
+
+    println!("\n| model | engine | concurrent | prompt tokens | prefill tok/s | generated tokens | decode tok/s | decode tok/s per sequence |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} |",
+            r.model,
+            r.engine,
+            r.concurrency,
+            r.prompt_tokens_per_request,
+            r.prefill_tokens_per_s,
+            r.generated_tokens_per_request,
+            r.decode_tokens_per_s,
+            r.decode_tokens_per_s_per_sequence
+        );
+    }
+    if let Some(out) = std::env::var_os("MEMEX_BENCH_OUT") {
+        std::fs::write(&out, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    }
+}

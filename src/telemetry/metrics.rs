@@ -1,0 +1,282 @@
+//! The Prometheus registry and every metric memex exports.
+//!
+//! One registry per server rather than the global default, so that several servers in one
+//! process (the tests) do not mix their counts. Names carry the `memex_` prefix and their unit;
+//! labels are low-cardinality (route, status, code, branch, reason, kind) and never name a key.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::limits::admission::AdmissionGauges;
+use crate::pipeline::branch::Branch;
+
+/// The `kind` label of `memex_engine_errors_total`: one per `EngineError` variant.
+pub const ENGINE_ERROR_KINDS: [&str; 4] = ["rejected", "generation", "unavailable", "tokenizer"];
+
+/// Why a request was turned away before generating: the `reason` label of
+/// `memex_rejections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Body or input tokens over the limit.
+    TooLong,
+    /// Per-key request rate.
+    Rate,
+    /// Per-key input-token quota.
+    Quota,
+    /// Queue full or queue wait timed out.
+    Overloaded,
+    /// Missing, malformed or unknown key.
+    Auth,
+    /// The request itself is wrong (400).
+    Invalid,
+    /// Model still loading, or the server is draining.
+    NotReady,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 7] = [
+        Self::TooLong,
+        Self::Rate,
+        Self::Quota,
+        Self::Overloaded,
+        Self::Auth,
+        Self::Invalid,
+        Self::NotReady,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TooLong => "too_long",
+            Self::Rate => "rate",
+            Self::Quota => "quota",
+            Self::Overloaded => "overloaded",
+            Self::Auth => "auth",
+            Self::Invalid => "invalid",
+            Self::NotReady => "not_ready",
+        }
+    }
+}
+
+/// Latency buckets from 5 ms to 5 min: CPU generations of a 0.6B model take tens of seconds.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub requests_cancelled: IntCounterVec,
+    pub queue_wait: Histogram,
+    pub time_to_first_token: HistogramVec,
+    pub generation_duration: HistogramVec,
+    pub input_tokens: IntCounter,
+    pub prompt_tokens: IntCounterVec,
+    pub generated_tokens: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub queued: IntGauge,
+    pub rejections: IntCounterVec,
+    pub engine_errors: IntCounterVec,
+    pub branch_retries: IntCounterVec,
+    pub model_load_seconds: prometheus::Gauge,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::build().expect("metric definitions are static and valid")
+    }
+
+    fn build() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let seconds = |name: &str, help: &str| {
+            HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec())
+        };
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "memex_requests_total",
+                    "HTTP requests answered, by route, HTTP status and envelope code",
+                ),
+                &["route", "status", "code"],
+            )?,
+            request_duration: HistogramVec::new(
+                seconds(
+                    "memex_request_duration_seconds",
+                    "Time from request to response, by route",
+                ),
+                &["route"],
+            )?,
+            requests_cancelled: IntCounterVec::new(
+                Opts::new(
+                    "memex_requests_cancelled_total",
+                    "Requests whose client disconnected before the response",
+                ),
+                &["route"],
+            )?,
+            queue_wait: Histogram::with_opts(seconds(
+                "memex_queue_wait_seconds",
+                "Time admitted requests waited for a generation slot",
+            ))?,
+            time_to_first_token: HistogramVec::new(
+                seconds(
+                    "memex_time_to_first_token_seconds",
+                    "Engine submission to first generated token, per branch",
+                ),
+                &["branch"],
+            )?,
+            generation_duration: HistogramVec::new(
+                seconds(
+                    "memex_generation_duration_seconds",
+                    "Engine submission to last token, per branch",
+                ),
+                &["branch"],
+            )?,
+            input_tokens: IntCounter::new(
+                "memex_input_tokens_total",
+                "Input tokens (message contents) of admitted requests",
+            )?,
+            prompt_tokens: IntCounterVec::new(
+                Opts::new(
+                    "memex_prompt_tokens_total",
+                    "Prompt tokens sent to the engine, per branch",
+                ),
+                &["branch"],
+            )?,
+            generated_tokens: IntCounterVec::new(
+                Opts::new(
+                    "memex_generated_tokens_total",
+                    "Tokens generated by the engine, per branch",
+                ),
+                &["branch"],
+            )?,
+            in_flight: IntGauge::new(
+                "memex_in_flight_requests",
+                "Requests holding a generation slot",
+            )?,
+            queued: IntGauge::new(
+                "memex_queued_requests",
+                "Requests waiting for a generation slot",
+            )?,
+            rejections: IntCounterVec::new(
+                Opts::new(
+                    "memex_rejections_total",
+                    "Requests turned away before generating, by reason",
+                ),
+                &["reason"],
+            )?,
+            engine_errors: IntCounterVec::new(
+                Opts::new(
+                    "memex_engine_errors_total",
+                    "Failed engine calls, by kind (rejected, generation, unavailable, tokenizer)",
+                ),
+                &["kind"],
+            )?,
+            branch_retries: IntCounterVec::new(
+                Opts::new(
+                    "memex_branch_retries_total",
+                    "Branch generations retried after a failed attempt",
+                ),
+                &["branch"],
+            )?,
+            model_load_seconds: prometheus::Gauge::new(
+                "memex_model_load_seconds",
+                "Time the engine took to load the model",
+            )?,
+            build_info: IntGaugeVec::new(
+                Opts::new("memex_build_info", "Always 1; labels name the build"),
+                &["version"],
+            )?,
+            registry,
+        };
+        m.register_all()?;
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Zero series for every reason, so that dashboards and alerts see them before the first
+        // rejection rather than "no data".
+        for r in Rejection::ALL {
+            m.rejections.with_label_values(&[r.label()]);
+        }
+        for kind in ENGINE_ERROR_KINDS {
+            m.engine_errors.with_label_values(&[kind]);
+        }
+        for branch in Branch::ALL {
+            m.branch_retries.with_label_values(&[branch.name()]);
+        }
+        Ok(m)
+    }
+
+    fn register_all(&self) -> prometheus::Result<()> {
+        let r = &self.registry;
+        r.register(Box::new(self.requests.clone()))?;
+        r.register(Box::new(self.request_duration.clone()))?;
+        r.register(Box::new(self.requests_cancelled.clone()))?;
+        r.register(Box::new(self.queue_wait.clone()))?;
+        r.register(Box::new(self.time_to_first_token.clone()))?;
+        r.register(Box::new(self.generation_duration.clone()))?;
+        r.register(Box::new(self.input_tokens.clone()))?;
+        r.register(Box::new(self.prompt_tokens.clone()))?;
+        r.register(Box::new(self.generated_tokens.clone()))?;
+        r.register(Box::new(self.in_flight.clone()))?;
+        r.register(Box::new(self.queued.clone()))?;
+        r.register(Box::new(self.rejections.clone()))?;
+        r.register(Box::new(self.engine_errors.clone()))?;
+        r.register(Box::new(self.branch_retries.clone()))?;
+        r.register(Box::new(self.model_load_seconds.clone()))?;
+        r.register(Box::new(self.build_info.clone()))?;
+        Ok(())
+    }
+
+    pub fn admission_gauges(&self) -> AdmissionGauges {
+        AdmissionGauges {
+            in_flight: self.in_flight.clone(),
+            queued: self.queued.clone(),
+        }
+    }
+
+    pub fn reject(&self, reason: Rejection) {
+        self.rejections.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_exported_with_prefix() {
+        let m = Metrics::new();
+        m.requests
+            .with_label_values(&["/extract/memory", "200", "0"])
+            .inc();
+        let text = m.render();
+        for name in [
+            "memex_requests_total",
+            "memex_rejections_total{reason=\"too_long\"} 0",
+            "memex_build_info{version=",
+            "memex_in_flight_requests 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("memex_"), "{line}");
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! Serving under load, over HTTP against the real engine on the tiny random Qwen3: API keys,
+//! per-key rate limits and token quotas, the input-token limit (also with the real Qwen3
+//! tokenizer), admission (bounded queue, queue time-out), metrics and response headers, and every
+//! response checked against the server's own OpenAPI document.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::openapi::Spec;
+use common::{
+    base_args, dialogue_of_tokens, get, header_f64, metric, post, post_with_auth, scrape, server,
+    spawn, spawn_with_keys, tiny_model_dir, Answer, TEST_KEY,
+};
+use serde_json::{json, Value};
+
+const EXTRACT: &str = "/extract/memory";
+
+fn memory_request(n_tokens: usize) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"messages": dialogue_of_tokens(n_tokens), "extraction_types": ["memory"]}),
+    )
+    .unwrap()
+}
+
+fn assert_error(answer: &Answer, status: u16, code: u64) {
+    let (s, _, body) = answer;
+    assert_eq!(
+        (*s, body["code"].as_u64().unwrap_or(0)),
+        (status, code),
+        "{body}"
+    );
+    assert!(body["data"].is_null(), "{body}");
+    assert!(!body["message"].as_str().unwrap().is_empty());
+}
+
+fn retry_after(answer: &Answer) -> u64 {
+    answer.1["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After is whole seconds")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth
+
+#[tokio::test]
+async fn requests_without_a_valid_key_get_401_with_the_contract_codes() {
+    let s = server();
+    let spec = Spec::fetch(&s.base).await;
+    let body = memory_request(20);
+    for (authorization, code) in [
+        (None, 40100),
+        (Some("Bearer memex-test-key-4f1c9a"), 40100),
+        (Some("memex-test-key-4f1c9a"), 40100),
+        (Some("Token"), 40100),
+        (Some("Token not-a-key"), 40132),
+        (Some("Token memex-test-key-4f1c9"), 40132),
+    ] {
+        let answer = post_with_auth(&s.base, EXTRACT, authorization, body.clone()).await;
+        assert_error(&answer, 401, code);
+        assert!(answer.1.contains_key("x-request-id"));
+        spec.check(EXTRACT, "post", answer.0, &answer.1, &answer.2);
+    }
+    // The scheme is case-insensitive, like every HTTP auth scheme.
+    let ok = post_with_auth(&s.base, EXTRACT, Some(&format!("token {TEST_KEY}")), body).await;
+    assert_eq!(ok.0, 200, "{}", ok.2);
+    spec.check(EXTRACT, "post", ok.0, &ok.1, &ok.2);
+}
+
+#[tokio::test]
+async fn probes_metrics_and_spec_need_no_key() {
+    let s = server();
+    for path in [
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        let (status, _, body) = get(&format!("{}{path}", s.base)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate limits and the input limit
+
+const KEYS: &str = "\
+# rate: one request per 5 s after a burst of two
+rate-a rps=0.2 burst=2 tpm=0
+rate-b rps=0.2 burst=2 tpm=0
+# quota: 100 input tokens a minute, no request-rate limit
+quota-a rps=0 tpm=100
+quota-b rps=0 tpm=100
+# one request in total, 50 tokens: what the too-long test must not use up
+strict rps=0.001 burst=1 tpm=50
+";
+
+/// One server for the limit tests: limits are per key, so the tests do not disturb each other.
+fn limits_server() -> &'static common::TestServer {
+    static S: std::sync::OnceLock<common::TestServer> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let mut args = base_args(&tiny_model_dir());
+        args.extend(["--max-input-tokens", "300"].map(String::from));
+        spawn_with_keys(args, KEYS)
+    })
+}
+
+#[tokio::test]
+async fn request_rate_is_limited_per_key_with_retry_after() {
+    let s = limits_server();
+    let spec = Spec::fetch(&s.base).await;
+    // Three at once from each of two keys: two pass per key (the burst), one is limited.
+    let mut tasks = Vec::new();
+    for key in ["rate-a", "rate-a", "rate-a", "rate-b", "rate-b", "rate-b"] {
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            (
+                key,
+                post(&base, EXTRACT, Some(key), memory_request(20)).await,
+            )
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    for key in ["rate-a", "rate-b"] {
+        let (mut ok, mut limited) = (0, 0);
+        for (_, answer) in answers.iter().filter(|(k, _)| *k == key) {
+            spec.check(EXTRACT, "post", answer.0, &answer.1, &answer.2);
+            if answer.0 == 200 {
+                ok += 1;
+                continue;
+            }
+            assert_error(answer, 429, 40300);
+            // One cell every 5 s: the wait is at most 5 s, in whole seconds.
+            assert!((1..=5).contains(&retry_after(answer)), "{:?}", answer.1);
+            limited += 1;
+        }
+        assert_eq!((ok, limited), (2, 1), "{key}");
+    }
+    let text = scrape(s).await;
+    assert!(metric(&text, "memex_rejections_total{reason=\"rate\"}").unwrap() >= 2.0);
+}
+
+#[tokio::test]
+async fn token_quota_is_per_key_and_says_when_to_retry() {
+    let s = limits_server();
+    let spec = Spec::fetch(&s.base).await;
+    let first = post(&s.base, EXTRACT, Some("quota-a"), memory_request(60)).await;
+    assert_eq!(first.0, 200, "{}", first.2);
+    let second = post(&s.base, EXTRACT, Some("quota-a"), memory_request(60)).await;
+    assert_error(&second, 429, 40301);
+    spec.check(EXTRACT, "post", second.0, &second.1, &second.2);
+    // 20 tokens short at 100 a minute: about 12 s.
+    let wait = retry_after(&second);
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    // Another key's quota is untouched.
+    let other = post(&s.base, EXTRACT, Some("quota-b"), memory_request(60)).await;
+    assert_eq!(other.0, 200, "{}", other.2);
+    // Larger than the whole quota: told so, not just "wait".
+    let never = post(&s.base, EXTRACT, Some("quota-b"), memory_request(150)).await;
+    assert_error(&never, 429, 40301);
+    let msg = never.2["message"].as_str().unwrap();
+    assert!(msg.contains("150") && msg.contains("100"), "{msg}");
+    let text = scrape(s).await;
+    assert!(metric(&text, "memex_rejections_total{reason=\"quota\"}").unwrap() >= 2.0);
+}
+
+#[tokio::test]
+async fn too_long_input_is_refused_before_any_limit_counts_it() {
+    let s = limits_server();
+    let spec = Spec::fetch(&s.base).await;
+    // `strict` has one request and 50 tokens in total. Over-long requests must take neither.
+    for _ in 0..3 {
+        let answer = post(&s.base, EXTRACT, Some("strict"), memory_request(301)).await;
+        assert_error(&answer, 413, 40305);
+        let msg = answer.2["message"].as_str().unwrap();
+        assert!(msg.contains("301") && msg.contains("300"), "{msg}");
+        spec.check(EXTRACT, "post", answer.0, &answer.1, &answer.2);
+    }
+    let ok = post(&s.base, EXTRACT, Some("strict"), memory_request(40)).await;
+    assert_eq!(ok.0, 200, "{}", ok.2);
+    // And now the one request is used up.
+    let limited = post(&s.base, EXTRACT, Some("strict"), memory_request(5)).await;
+    assert_error(&limited, 429, 40300);
+    let text = scrape(s).await;
+    assert!(metric(&text, "memex_rejections_total{reason=\"too_long\"}").unwrap() >= 3.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission
+
+#[tokio::test]
+async fn beyond_the_queue_requests_get_503_at_once() {
+    let mut args = base_args(&tiny_model_dir());
+    args.extend(
+        [
+            "--no-auth",
+            "--max-concurrent",
+            "1",
+            "--max-queue",
+            "1",
+            "--queue-timeout",
+            "120",
+        ]
+        .map(String::from),
+    );
+    let s = spawn(args);
+    let spec = Spec::fetch(&s.base).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = post(&base, EXTRACT, None, memory_request(30 + i)).await;
+            (answer, started.elapsed())
+        }));
+    }
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        let (answer, took) = t.await.unwrap();
+        spec.check(EXTRACT, "post", answer.0, &answer.1, &answer.2);
+        if answer.0 == 200 {
+            ok.push(took);
+        } else {
+            assert_error(&answer, 503, 50004);
+            assert!(retry_after(&answer) >= 1);
+            refused.push(took);
+        }
+    }
+    // One generates, one waits, the rest are turned away.
+    assert!(ok.len() >= 2 && refused.len() >= 3, "{ok:?} {refused:?}");
+    // "At once": every refusal came back before even the first generation finished.
+    let fastest_ok = ok.iter().min().unwrap();
+    assert!(
+        refused.iter().all(|r| r < fastest_ok),
+        "refusals {refused:?} vs answers {ok:?}"
+    );
+    let text = scrape(&s).await;
+    assert!(metric(&text, "memex_rejections_total{reason=\"overloaded\"}").unwrap() >= 3.0);
+    assert_eq!(metric(&text, "memex_in_flight_requests"), Some(0.0));
+    assert_eq!(metric(&text, "memex_queued_requests"), Some(0.0));
+}
+
+#[tokio::test]
+async fn queued_requests_time_out_with_503() {
+    let mut args = base_args(&tiny_model_dir());
+    args.extend(
+        [
+            "--no-auth",
+            "--max-concurrent",
+            "1",
+            "--max-queue",
+            "8",
+            "--queue-timeout",
+            "0.05",
+        ]
+        .map(String::from),
+    );
+    let s = spawn(args);
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = post(&base, EXTRACT, None, memory_request(30 + i)).await;
+            (answer, started.elapsed())
+        }));
+    }
+    let mut timed_out = 0;
+    for t in tasks {
+        let (answer, took) = t.await.unwrap();
+        if answer.0 == 200 {
+            continue;
+        }
+        assert_error(&answer, 503, 50004);
+        assert!(answer.2["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue timeout"));
+        // Waited for the timeout, and not unboundedly past it (generous for a loaded machine).
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(20),
+            "{took:?}"
+        );
+        timed_out += 1;
+    }
+    assert!(timed_out >= 1, "nobody waited past the 50 ms queue timeout");
+    let text = scrape(&s).await;
+    assert_eq!(metric(&text, "memex_queued_requests"), Some(0.0));
+    assert!(metric(&text, "memex_queue_wait_seconds_count").unwrap() >= 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics, headers, OpenAPI
+
+#[tokio::test]
+async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
+    let mut args = base_args(&tiny_model_dir());
+    args.extend(["--metrics-port", "0", "--max-input-tokens", "100"].map(String::from));
+    let s = spawn_with_keys(args, "metrics-secret-key-77 rps=0 tpm=0\n");
+    assert_ne!(s.metrics_base, s.base);
+    let key = Some("metrics-secret-key-77");
+
+    let ok = post(
+        &s.base,
+        EXTRACT,
+        key,
+        serde_json::to_vec(&json!({"messages": [
+        {"role": "user", "content": "I like green tea."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "And black coffee on Mondays."}]}))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(ok.0, 200, "{}", ok.2);
+    for h in [
+        "x-request-id",
+        "x-queue-time",
+        "x-inference-time",
+        "x-prompt-tokens",
+        "x-generated-tokens",
+    ] {
+        assert!(header_f64_or_id(&ok.1, h), "{h} missing or not a number");
+    }
+    assert!(header_f64(&ok.1, "x-inference-time") > 0.0);
+    assert!(header_f64(&ok.1, "x-generated-tokens") > 0.0);
+    let invalid = post(&s.base, EXTRACT, key, b"{not json".to_vec()).await;
+    assert_error(&invalid, 400, 40000);
+    let too_long = post(&s.base, EXTRACT, key, memory_request(101)).await;
+    assert_error(&too_long, 413, 40305);
+    let unknown = post(&s.base, EXTRACT, Some("nope"), memory_request(5)).await;
+    assert_error(&unknown, 401, 40132);
+    // Error responses carry the request id too.
+    assert!(unknown.1.contains_key("x-request-id"));
+
+    let (status, _, _) = get(&format!("{}/metrics", s.base)).await;
+    assert_eq!(status, 404, "metrics are only on the metrics port");
+    let text = scrape(&s).await;
+    assert!(!text.contains("metrics-secret-key-77") && !text.contains("nope"));
+    let at_least_one = [
+        "memex_requests_total{code=\"0\",route=\"/extract/memory\",status=\"200\"}",
+        "memex_requests_total{code=\"40000\",route=\"/extract/memory\",status=\"400\"}",
+        "memex_requests_total{code=\"40132\",route=\"/extract/memory\",status=\"401\"}",
+        "memex_requests_total{code=\"40305\",route=\"/extract/memory\",status=\"413\"}",
+        "memex_request_duration_seconds_count{route=\"/extract/memory\"}",
+        "memex_queue_wait_seconds_count",
+        "memex_time_to_first_token_seconds_count{branch=\"memory\"}",
+        "memex_generation_duration_seconds_count{branch=\"explicit_preference\"}",
+        "memex_generation_duration_seconds_count{branch=\"implicit_preference\"}",
+        "memex_prompt_tokens_total{branch=\"memory\"}",
+        "memex_generated_tokens_total{branch=\"memory\"}",
+        "memex_input_tokens_total",
+        "memex_rejections_total{reason=\"invalid\"}",
+        "memex_rejections_total{reason=\"too_long\"}",
+        "memex_rejections_total{reason=\"auth\"}",
+        "memex_build_info{version=\"0.1.0\"}",
+    ];
+    for series in at_least_one {
+        let v = metric(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+        assert!(v >= 1.0, "{series} = {v}");
+    }
+    assert!(metric(&text, "memex_model_load_seconds").unwrap() > 0.0);
+    for zero in [
+        "memex_in_flight_requests",
+        "memex_queued_requests",
+        "memex_rejections_total{reason=\"rate\"}",
+        "memex_rejections_total{reason=\"quota\"}",
+        "memex_rejections_total{reason=\"overloaded\"}",
+        "memex_engine_errors_total{kind=\"generation\"}",
+        "memex_branch_retries_total{branch=\"memory\"}",
+    ] {
+        assert!(metric(&text, zero).is_some(), "{zero} missing:\n{text}");
+    }
+}
+
+fn header_f64_or_id(headers: &reqwest::header::HeaderMap, name: &str) -> bool {
+    let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    name == "x-request-id" || v.parse::<f64>().is_ok()
+}
+
+#[tokio::test]
+async fn live_responses_match_the_openapi_document() {
+    let s = server();
+    let spec = Spec::fetch(&s.base).await;
+    assert_eq!(spec.raw()["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+    for path in ["/health", "/health/live", "/health/ready"] {
+        let (status, headers, text) = get(&format!("{}{path}", s.base)).await;
+        spec.check(
+            path,
+            "get",
+            status,
+            &headers,
+            &serde_json::from_str(&text).unwrap(),
+        );
+    }
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            EXTRACT,
+            json!({"messages": [{"role": "user", "content": "I'm Alex, I play badminton."},
+            {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Short replies please."}]}),
+        ),
+        (
+            "/api/openmem/v1/extract/memory",
+            json!({"messages": dialogue_of_tokens(10), "extraction_types": ["preference"]}),
+        ),
+        (EXTRACT, json!({"messages": []})),
+        (
+            EXTRACT,
+            json!({"messages": [{"role": "robot", "content": "hi"}]}),
+        ),
+        (
+            EXTRACT,
+            json!({"messages": dialogue_of_tokens(common::MAX_INPUT_TOKENS + 1)}),
+        ),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for (path, body) in cases {
+        let answer = post(
+            &s.base,
+            path,
+            Some(TEST_KEY),
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        spec.check(path, "post", answer.0, &answer.1, &answer.2);
+        seen.insert(answer.0);
+    }
+    let huge = post(&s.base, EXTRACT, Some(TEST_KEY), vec![b' '; 70_000]).await;
+    spec.check(EXTRACT, "post", huge.0, &huge.1, &huge.2);
+    seen.insert(huge.0);
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![200, 400, 413]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The input limit with the production tokenizer
+
+/// Where `scripts/fetch-models.sh --qwen3-tokenizer` puts the real Qwen3 tokenizer.
+fn qwen3_tokenizer_dir() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("MEMEX_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"));
+    let dir = cache.join("models/qwen3-tokenizer");
+    dir.join("tokenizer.json").is_file().then_some(dir)
+}
+
+/// A dialogue whose contents, joined as the server counts them, are exactly `n` Qwen3 tokens.
+fn qwen3_dialogue(tok: &tokenizers::Tokenizer, n: usize) -> Value {
+    let count = |messages: &[String]| tok.encode_fast(messages.join("\n"), false).unwrap().len();
+    let turn = "I moved to Hangzhou last spring and I play badminton on Saturdays with my team.";
+    let mut messages: Vec<String> = Vec::new();
+    while count(&messages) + 40 < n {
+        messages.push(format!("{turn} {}", messages.len()));
+    }
+    // Top up one word at a time (" word" is one token in Qwen3's vocabulary).
+    let mut last = String::from("Also");
+    messages.push(last.clone());
+    while count(&messages) < n {
+        last.push_str(" tea");
+        *messages.last_mut().unwrap() = last.clone();
+    }
+    assert_eq!(count(&messages), n, "could not hit {n} tokens exactly");
+    let roles = ["user", "assistant"];
+    Value::Array(
+        messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| json!({"role": roles[i % 2], "content": m}))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn qwen3_tokenizer_7990_tokens_pass_and_8010_fail() {
+    let Some(tokenizer_dir) = qwen3_tokenizer_dir() else {
+        eprintln!(
+            "SKIPPED qwen3_tokenizer_7990_tokens_pass_and_8010_fail: the Qwen3 tokenizer is not in \
+             .cache/models/qwen3-tokenizer; run `scripts/fetch-models.sh --qwen3-tokenizer` (CI does)"
+        );
+        return;
+    };
+    let model = tempfile::tempdir().unwrap();
+    memex::tiny_model::write_with_tokenizer(model.path(), 42, &tokenizer_dir).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(tokenizer_dir.join("tokenizer.json")).unwrap();
+    // The default limit: no --max-input-tokens.
+    let mut args = base_args(model.path());
+    args.push("--no-auth".into());
+    let s = spawn(args);
+
+    let over = json!({"messages": qwen3_dialogue(&tok, 8010), "extraction_types": ["preference"]});
+    let answer = post(&s.base, EXTRACT, None, serde_json::to_vec(&over).unwrap()).await;
+    assert_error(&answer, 413, 40305);
+    let msg = answer.2["message"].as_str().unwrap();
+    assert!(msg.contains("8010") && msg.contains("8000"), "{msg}");
+
+    let under = json!({"messages": qwen3_dialogue(&tok, 7990), "extraction_types": ["preference"]});
+    let answer = post(&s.base, EXTRACT, None, serde_json::to_vec(&under).unwrap()).await;
+    assert_eq!(answer.0, 200, "{}", answer.2);
+    assert_eq!(answer.1["x-input-tokens"], "7990");
+}
