@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use memex::engine::mistral::{MistralEngine, MistralOptions};
+use memex::engine::mistral::MistralOptions;
+use memex::engine::native::NativeOptions;
 use memex::engine::{
     Engine, FinishReason, GenerateRequest, Generation, ModelSource, PromptMessage, PromptRole,
 };
@@ -36,16 +37,20 @@ use memex::pipeline::clean::{self, Dialogue};
 use memex::pipeline::language;
 use memex::pipeline::prompt::Prompts;
 
-/// The one place an engine is built: the way `server::load` builds it. A second engine plugs in
-/// here, selected by `MEMEX_BENCH_ENGINE`.
+/// The one place an engine is built: the way `server::load` builds it, selected by
+/// `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`).
 async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
-    let which = std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "mistral".into());
-    match which.as_str() {
-        "mistral" => Ok(Arc::new(
-            MistralEngine::load(source, &MistralOptions::default()).await?,
-        )),
-        other => anyhow::bail!("unknown MEMEX_BENCH_ENGINE {other:?} (known: mistral)"),
-    }
+    use clap::ValueEnum;
+    let which = std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "native".into());
+    let kind = memex::engine::EngineKind::from_str(&which, true)
+        .map_err(|e| anyhow::anyhow!("MEMEX_BENCH_ENGINE {which:?}: {e}"))?;
+    memex::engine::load(
+        kind,
+        source,
+        &MistralOptions::default(),
+        &NativeOptions::default(),
+    )
+    .await
 }
 
 fn root() -> PathBuf {

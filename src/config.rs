@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::api::HttpConfig;
 use crate::engine::mistral::MistralOptions;
+use crate::engine::native::NativeOptions;
+use crate::engine::EngineKind;
 use crate::limits::admission::AdmissionConfig;
 use crate::limits::auth::{AuthConfig, SecretKey};
 use crate::limits::rate::RateLimits;
@@ -51,6 +53,19 @@ pub struct ServeArgs {
     /// instead of the tokenizer in the GGUF metadata.
     #[arg(long, env = "MEMEX_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+
+    /// Which engine runs the model: the dedicated continuous-batching engine, or mistralrs (the
+    /// reference backend).
+    #[arg(long, env = "MEMEX_ENGINE", value_enum, default_value_t = EngineKind::Native)]
+    pub engine: EngineKind,
+
+    /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).
+    #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048)]
+    pub kv_cache_mb: usize,
+
+    /// Native engine: most tokens one step runs (decode tokens plus prefill chunks).
+    #[arg(long, env = "MEMEX_STEP_TOKENS", default_value_t = 512)]
+    pub step_tokens: usize,
 
     #[arg(long, env = "MEMEX_HOST", default_value = "0.0.0.0")]
     pub host: String,
@@ -175,7 +190,17 @@ impl ServeArgs {
         }
     }
 
-    pub fn engine(&self) -> MistralOptions {
+    pub fn native(&self) -> NativeOptions {
+        NativeOptions {
+            max_running: self.max_num_seqs,
+            step_tokens: self.step_tokens,
+            kv_cache_bytes: self.kv_cache_mb << 20,
+            repetition_guard: self.repetition_guard,
+            ..NativeOptions::default()
+        }
+    }
+
+    pub fn mistral(&self) -> MistralOptions {
         MistralOptions {
             repetition_guard: self.repetition_guard,
             max_num_seqs: self.max_num_seqs,

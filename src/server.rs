@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, MetricsRoute};
 use crate::config::ServeArgs;
-use crate::engine::mistral::MistralEngine;
 use crate::engine::ModelSource;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::limits::KeyRing;
@@ -170,8 +169,8 @@ async fn load(
     args: &ServeArgs,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Arc<Extractor>> {
-    let engine = MistralEngine::load(source, &args.engine()).await?;
-    let engine = MeteredEngine::wrap(Arc::new(engine), metrics.clone());
+    let engine = crate::engine::load(args.engine, source, &args.mistral(), &args.native()).await?;
+    let engine = MeteredEngine::wrap(engine, metrics.clone());
     let extractor = Extractor::new(engine, args.pipeline())?;
     Ok(Arc::new(extractor))
 }

@@ -1,33 +1,64 @@
-//! The mistralrs engine itself, on the tiny random Qwen3: constrained output is complete JSON,
-//! generation stops the moment the JSON is complete, counts use the model's tokenizer, and a bad
-//! model path fails at start with its name and without touching the network.
+//! Both engines (the native one and the mistralrs reference), on the tiny random Qwen3:
+//! constrained output is complete JSON, generation stops the moment the JSON is complete, counts
+//! use the model's tokenizer, both engines generate the same greedy output, and a bad model path
+//! fails at start with its name and without touching the network.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memex::engine::mistral::{MistralEngine, MistralOptions};
+use memex::engine::mistral::MistralOptions;
+use memex::engine::native::NativeOptions;
 use memex::engine::{
-    Engine, FinishReason, GenerateRequest, ModelSource, PromptMessage, PromptRole,
+    Engine, EngineKind, FinishReason, GenerateRequest, ModelSource, PromptMessage, PromptRole,
 };
 use memex::pipeline::branch::Branch;
 use memex::pipeline::schema::{schema_for, worst_case_tokens, OutputLimits};
 use tokio::sync::OnceCell;
 
-async fn engine() -> Arc<MistralEngine> {
-    static ENGINE: OnceCell<Arc<MistralEngine>> = OnceCell::const_new();
-    ENGINE
-        .get_or_init(|| async {
-            let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
-            Arc::new(
-                MistralEngine::load(&source, &MistralOptions::default())
-                    .await
-                    .unwrap(),
-            )
-        })
-        .await
-        .clone()
+async fn load(kind: EngineKind) -> Arc<dyn Engine> {
+    load_with_guard(kind, 0.8).await
+}
+
+async fn load_with_guard(kind: EngineKind, repetition_guard: f32) -> Arc<dyn Engine> {
+    let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
+    memex::engine::load(
+        kind,
+        &source,
+        &MistralOptions {
+            repetition_guard,
+            ..MistralOptions::default()
+        },
+        &NativeOptions {
+            repetition_guard,
+            ..NativeOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Both engines, loaded once for the whole file.
+async fn engines() -> Vec<(EngineKind, Arc<dyn Engine>)> {
+    static NATIVE: OnceCell<Arc<dyn Engine>> = OnceCell::const_new();
+    static MISTRAL: OnceCell<Arc<dyn Engine>> = OnceCell::const_new();
+    vec![
+        (
+            EngineKind::Native,
+            NATIVE
+                .get_or_init(|| load(EngineKind::Native))
+                .await
+                .clone(),
+        ),
+        (
+            EngineKind::Mistralrs,
+            MISTRAL
+                .get_or_init(|| load(EngineKind::Mistralrs))
+                .await
+                .clone(),
+        ),
+    ]
 }
 
 fn request(user: &str, limits: &OutputLimits, branch: Branch) -> GenerateRequest {
@@ -63,33 +94,34 @@ fn rt() -> &'static tokio::runtime::Runtime {
 #[test]
 fn constrained_output_is_complete_json_and_stops_at_its_end() {
     rt().block_on(async {
-        let e = engine().await;
         let limits = OutputLimits {
             max_items: 3,
             max_text_chars: 20,
             max_label_chars: 10,
             max_tags: 2,
         };
-        for (i, branch) in Branch::ALL.into_iter().enumerate() {
-            let g = e
-                .generate(request(&format!("dialogue number {i}"), &limits, branch))
-                .await
-                .unwrap();
-            assert_eq!(g.finish, FinishReason::Stop, "{branch}: {}", g.text);
-            let v: serde_json::Value = serde_json::from_str(&g.text)
-                .unwrap_or_else(|err| panic!("{branch}: not JSON ({err}): {}", g.text));
-            assert!(v.is_object());
-            // One token per byte with this tokenizer, plus the end token: any dead token after
-            // the closing brace (the grammar-EOS mismatch) would show here.
-            assert!(
-                g.generated_tokens <= g.text.len() + 1,
-                "{branch}: {} tokens for {} bytes: {}",
-                g.generated_tokens,
-                g.text.len(),
-                g.text
-            );
-            assert!(g.prompt_tokens > 0);
-            assert!(g.time_to_first_token <= g.total_time);
+        for (kind, e) in engines().await {
+            for (i, branch) in Branch::ALL.into_iter().enumerate() {
+                let g = e
+                    .generate(request(&format!("dialogue number {i}"), &limits, branch))
+                    .await
+                    .unwrap();
+                assert_eq!(g.finish, FinishReason::Stop, "{kind} {branch}: {}", g.text);
+                let v: serde_json::Value = serde_json::from_str(&g.text)
+                    .unwrap_or_else(|err| panic!("{branch}: not JSON ({err}): {}", g.text));
+                assert!(v.is_object());
+                // One token per byte with this tokenizer, plus the end token: any dead token after
+                // the closing brace (the grammar-EOS mismatch) would show here.
+                assert!(
+                    g.generated_tokens <= g.text.len() + 1,
+                    "{branch}: {} tokens for {} bytes: {}",
+                    g.generated_tokens,
+                    g.text.len(),
+                    g.text
+                );
+                assert!(g.prompt_tokens > 0);
+                assert!(g.time_to_first_token <= g.total_time);
+            }
         }
     });
 }
@@ -97,41 +129,75 @@ fn constrained_output_is_complete_json_and_stops_at_its_end() {
 #[test]
 fn counts_tokens_with_the_models_tokenizer() {
     rt().block_on(async {
-        let e = engine().await;
-        assert_eq!(e.count_tokens("hello".into()).await.unwrap(), 5);
-        assert_eq!(e.count_tokens("杭州".into()).await.unwrap(), 6);
-        assert_eq!(e.count_tokens(String::new()).await.unwrap(), 0);
+        for (_, e) in engines().await {
+            assert_eq!(e.count_tokens("hello".into()).await.unwrap(), 5);
+            assert_eq!(e.count_tokens("杭州".into()).await.unwrap(), 6);
+            assert_eq!(e.count_tokens(String::new()).await.unwrap(), 0);
+        }
     });
 }
 
 #[test]
 fn dropping_a_generation_does_not_wedge_the_engine() {
     rt().block_on(async {
-        let e = engine().await;
-        let limits = OutputLimits::default();
-        for i in 0..4 {
-            let req = request(&format!("cancel me {i}"), &limits, Branch::Memory);
-            let fut = e.generate(req);
-            // Cancel mid-flight (or before it starts): the future is dropped.
-            let _ = tokio::time::timeout(Duration::from_millis(30), fut).await;
+        for (kind, e) in engines().await {
+            let limits = OutputLimits::default();
+            for i in 0..4 {
+                let req = request(&format!("cancel me {i}"), &limits, Branch::Memory);
+                let fut = e.generate(req);
+                // Cancel mid-flight (or before it starts): the future is dropped.
+                let _ = tokio::time::timeout(Duration::from_millis(30), fut).await;
+            }
+            let started = Instant::now();
+            let small = OutputLimits {
+                max_items: 1,
+                max_text_chars: 8,
+                max_label_chars: 4,
+                max_tags: 1,
+            };
+            let g = e
+                .generate(request(
+                    "after cancellations",
+                    &small,
+                    Branch::ExplicitPreference,
+                ))
+                .await
+                .unwrap();
+            assert_eq!(g.finish, FinishReason::Stop, "{kind}");
+            assert!(started.elapsed() < Duration::from_secs(60), "{kind}");
         }
-        let started = Instant::now();
-        let small = OutputLimits {
-            max_items: 1,
-            max_text_chars: 8,
-            max_label_chars: 4,
-            max_tags: 1,
+    });
+}
+
+#[test]
+fn both_engines_generate_the_same_greedy_output() {
+    rt().block_on(async {
+        let limits = OutputLimits {
+            max_items: 2,
+            max_text_chars: 24,
+            max_label_chars: 8,
+            max_tags: 2,
         };
-        let g = e
-            .generate(request(
-                "after cancellations",
-                &small,
-                Branch::ExplicitPreference,
-            ))
-            .await
-            .unwrap();
-        assert_eq!(g.finish, FinishReason::Stop);
-        assert!(started.elapsed() < Duration::from_secs(60));
+        // Without the repetition guard: the tiny model's logits are nearly flat, so the guard's
+        // equal penalties leave exact ties whose winner depends on the last float bit.
+        let all = [
+            load_with_guard(EngineKind::Native, 0.0).await,
+            load_with_guard(EngineKind::Mistralrs, 0.0).await,
+        ];
+        for branch in Branch::ALL {
+            let mut texts = Vec::new();
+            for (kind, e) in [EngineKind::Native, EngineKind::Mistralrs].iter().zip(&all) {
+                let g = e
+                    .generate(request("I am Alex and I like tea.", &limits, branch))
+                    .await
+                    .unwrap();
+                texts.push((kind, g.prompt_tokens, g.text));
+            }
+            // Same prompt tokens (same template and tokenizer) and the same greedy tokens under
+            // the same grammar and repetition guard: the logits agree where it matters.
+            assert_eq!(texts[0].1, texts[1].1, "{branch}: prompt tokens differ");
+            assert_eq!(texts[0].2, texts[1].2, "{branch}: {texts:?}");
+        }
     });
 }
 

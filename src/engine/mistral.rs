@@ -26,7 +26,7 @@ use mistralrs::{
 
 use super::{
     Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
-    PromptRole,
+    PromptRole, DRY_BREAKERS,
 };
 
 /// The names llguidance's tokenizer bridge treats as EOS (toktrie_hf_tokenizers 1.9). Any of them
@@ -38,11 +38,6 @@ const GRAMMAR_EOS_NAMES: [&str; 5] = [
     "<｜end▁of▁sentence｜>",
     "<eos>",
 ];
-
-/// DRY sequence breakers: JSON punctuation. A repeat is only penalised inside a run of text
-/// between them, so a model looping on a phrase inside a string is pushed out of the loop while
-/// the JSON structure that every item repeats is left alone.
-const DRY_BREAKERS: [&str; 8] = ["\"", ",", ":", "{", "}", "[", "]", "\n"];
 
 #[derive(Debug, Clone)]
 pub struct MistralOptions {

@@ -11,12 +11,58 @@
 
 pub mod mistral;
 pub mod model_source;
+pub mod native;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use model_source::ModelSource;
+
+/// DRY sequence breakers, for both engines: JSON punctuation. A repeat is only penalised inside
+/// a run of text between them, so a model looping on a phrase inside a string is pushed out of
+/// the loop while the JSON structure that every item repeats is left alone.
+pub const DRY_BREAKERS: [&str; 8] = ["\"", ",", ":", "{", "}", "[", "]", "\n"];
+
+/// Which engine serves the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// The dedicated engine: continuous batching of mixed-length requests.
+    Native,
+    /// mistralrs 0.8.1's high-level engine, kept as the reference backend.
+    Mistralrs,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Mistralrs => "mistralrs",
+        })
+    }
+}
+
+/// Load `source` on the chosen engine.
+pub async fn load(
+    kind: EngineKind,
+    source: &ModelSource,
+    mistral: &mistral::MistralOptions,
+    native: &native::NativeOptions,
+) -> anyhow::Result<std::sync::Arc<dyn Engine>> {
+    Ok(match kind {
+        EngineKind::Mistralrs => {
+            std::sync::Arc::new(mistral::MistralEngine::load(source, mistral).await?)
+        }
+        EngineKind::Native => {
+            let (source, native) = (source.clone(), native.clone());
+            // Reading and dequantising weights is blocking work.
+            let engine =
+                tokio::task::spawn_blocking(move || native::NativeEngine::load(&source, &native))
+                    .await??;
+            std::sync::Arc::new(engine)
+        }
+    })
+}
 
 /// A chat message handed to the model's own chat template.
 #[derive(Debug, Clone, PartialEq, Eq)]

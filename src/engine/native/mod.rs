@@ -1,0 +1,403 @@
+//! The native engine: continuous batching of mixed-length requests on one dedicated thread.
+//!
+//! mistralrs 0.8.1 batches only sequences of identical length (its CPU scheduler runs the
+//! shortest bucket alone), so concurrent extractions of real, different-length dialogues ran one
+//! after another and slower than alone. Here every step runs all scheduled sequences together:
+//!
+//! - `scheduler`: who runs this step and how many tokens (decode first, chunked prefill after);
+//! - `model`: one flattened forward pass for the step (`weights`: Llama / Qwen2 / Qwen3);
+//! - `kv_cache`: the KV block pool, block manager and prefix cache;
+//! - `stats`: step counters for metrics;
+//! - `sequence`: a generation in flight, with its llguidance matcher;
+//! - `tokenizer`: the tokenizer and chat template (rebuilt from GGUF metadata when needed).
+//!
+//! Sampling is greedy under the branch's JSON schema; the masks of a step are computed in
+//! parallel, tokens the grammar forces are appended without sampling (they ride along in the next
+//! step's forward pass), and a sequence finishes the moment the grammar is complete.
+
+pub mod kv_cache;
+pub mod model;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
+pub mod stats;
+pub mod tokenizer;
+pub mod weights;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use rayon::prelude::*;
+use tokio::sync::oneshot;
+
+use super::{
+    Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
+};
+use kv_cache::{BlockManager, KvPool, BLOCK_SIZE};
+use model::{Model, Run};
+use sampler::Dry;
+use scheduler::Scheduler;
+use sequence::{Finished, Sequence};
+use stats::NativeStats;
+use std::sync::atomic::Ordering::Relaxed;
+use tokenizer::ChatTemplate;
+
+#[derive(Debug, Clone)]
+pub struct NativeOptions {
+    /// Most sequences in one step.
+    pub max_running: usize,
+    /// Most tokens in one step (decode tokens plus prefill chunks).
+    pub step_tokens: usize,
+    /// Memory for the KV block pool. Pages are touched only as blocks are used.
+    pub kv_cache_bytes: usize,
+    /// DRY repetition-penalty multiplier (0 = off), as for the reference engine.
+    pub repetition_guard: f32,
+    /// Counters the step loop updates, read by `/metrics`.
+    pub stats: Arc<NativeStats>,
+}
+
+impl Default for NativeOptions {
+    fn default() -> Self {
+        Self {
+            max_running: 32,
+            step_tokens: 512,
+            kv_cache_bytes: 2 << 30,
+            repetition_guard: 0.8,
+            stats: Arc::default(),
+        }
+    }
+}
+
+struct Submission {
+    prompt: Vec<u32>,
+    matcher: Matcher,
+    max_tokens: usize,
+    reply: sequence::Reply,
+    submitted: Instant,
+}
+
+pub struct NativeEngine {
+    tx: mpsc::Sender<Submission>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    chat: Arc<ChatTemplate>,
+    factory: Arc<ParserFactory>,
+    max_positions: usize,
+    info: ModelInfo,
+}
+
+impl NativeEngine {
+    pub fn load(source: &ModelSource, opts: &NativeOptions) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let (weights, tokenizer, chat) = match source {
+            ModelSource::Safetensors { dir } => {
+                let w = weights::Weights::from_safetensors_dir(dir)?;
+                let (t, c) = tokenizer::from_hf_dir(dir)?;
+                (w, t, c)
+            }
+            ModelSource::Gguf {
+                file,
+                tokenizer_dir,
+            } => {
+                let (w, content) = weights::Weights::from_gguf(file)?;
+                let (t, c) = match tokenizer_dir {
+                    Some(dir) => tokenizer::from_hf_dir(dir)?,
+                    None => tokenizer::from_gguf(&content)?,
+                };
+                (w, t, c)
+            }
+        };
+        let vocab = weights.config.vocab;
+        let byte_tok = toktrie_hf_tokenizers::ByteTokenizer::from_tokenizer(tokenizer.clone())?;
+        let env = byte_tok.into_tok_env(Some(vocab))?;
+        let factory = Arc::new(ParserFactory::new_simple(&env)?);
+        let eos: Vec<u32> = factory.tok_env().tok_trie().eos_tokens().to_vec();
+        let model = Model::new(weights);
+        // A generation must fit the model's positions and, alone, the KV pool.
+        let pool_positions = pool_blocks(model.config(), opts.kv_cache_bytes) * BLOCK_SIZE;
+        let max_positions = model.max_positions().min(pool_positions);
+
+        let dry = (opts.repetition_guard > 0.0)
+            .then(|| Dry::new(opts.repetition_guard, &super::DRY_BREAKERS, &tokenizer));
+        let (tx, rx) = mpsc::channel::<Submission>();
+        let opts = opts.clone();
+        std::thread::Builder::new()
+            .name("memex-engine".into())
+            .spawn(move || engine_loop(model, rx, opts, eos, dry))?;
+        let info = ModelInfo {
+            name: source.name(),
+            max_sequence_len: Some(max_positions),
+            load_time: started.elapsed(),
+        };
+        tracing::info!(
+            model = %info.name,
+            load_seconds = info.load_time.as_secs_f64(),
+            "native engine loaded"
+        );
+        Ok(Self {
+            tx,
+            tokenizer: Arc::new(tokenizer),
+            chat: Arc::new(chat),
+            factory,
+            max_positions,
+            info,
+        })
+    }
+}
+
+#[async_trait]
+impl Engine for NativeEngine {
+    async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        let submitted = Instant::now();
+        let tokenizer = self.tokenizer.clone();
+        let chat = self.chat.clone();
+        let factory = self.factory.clone();
+        // Template rendering, tokenising and grammar compilation are CPU work: off the async
+        // workers, and off the engine thread so they never delay a step.
+        let max_tokens = request.max_tokens;
+        let (prompt, matcher) = tokio::task::spawn_blocking(move || {
+            let text = chat
+                .render(&request.messages)
+                .map_err(|e| EngineError::Rejected(format!("chat template: {e}")))?;
+            let prompt = tokenizer
+                .encode_fast(text, false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec();
+            let grammar = TopLevelGrammar::from_json_schema(request.schema);
+            let parser = factory
+                .create_parser(grammar)
+                .map_err(|e| EngineError::Rejected(format!("schema: {e}")))?;
+            Ok::<_, EngineError>((prompt, Matcher::new(Ok(parser))))
+        })
+        .await
+        .map_err(|e| EngineError::Generation(e.to_string()))??;
+        if prompt.len() >= self.max_positions {
+            return Err(EngineError::Rejected(format!(
+                "prompt of {} tokens does not fit the {} positions available (model context \
+                 and KV pool)",
+                prompt.len(),
+                self.max_positions
+            )));
+        }
+        // The schema's worst case can exceed the context; real outputs are far shorter. A
+        // generation that does reach the end finishes with `Length`, which the caller reports.
+        let max_tokens = max_tokens.min(self.max_positions - prompt.len());
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Submission {
+                prompt,
+                matcher,
+                max_tokens,
+                reply,
+                submitted,
+            })
+            .map_err(|_| EngineError::Unavailable("engine thread stopped".into()))?;
+        // Dropping `answer` (caller gone) closes the channel: the engine drops the sequence.
+        let finished: Finished = answer
+            .await
+            .map_err(|_| EngineError::Unavailable("engine thread stopped".into()))??;
+        let tokenizer = self.tokenizer.clone();
+        let ids = finished.generated.clone();
+        let text = tokio::task::spawn_blocking(move || tokenizer.decode(&ids, true))
+            .await
+            .map_err(|e| EngineError::Generation(e.to_string()))?
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(Generation {
+            text,
+            finish: finished.finish,
+            prompt_tokens: finished.prompt_tokens,
+            generated_tokens: finished.generated.len(),
+            time_to_first_token: finished.time_to_first_token,
+            total_time: finished.total_time,
+        })
+    }
+
+    async fn count_tokens(&self, text: String) -> Result<usize, EngineError> {
+        let tokenizer = self.tokenizer.clone();
+        tokio::task::spawn_blocking(move || {
+            tokenizer
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().len())
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        })
+        .await
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+fn engine_loop(
+    model: Model,
+    rx: mpsc::Receiver<Submission>,
+    opts: NativeOptions,
+    eos: Vec<u32>,
+    dry: Option<Dry>,
+) {
+    let c = model.config().clone();
+    let blocks = pool_blocks(&c, opts.kv_cache_bytes);
+    let mut pool = KvPool::new(c.layers, c.kv_heads, c.head_dim, blocks);
+    let mut sched = Scheduler::new(
+        opts.max_running,
+        opts.step_tokens,
+        BlockManager::new(blocks),
+    );
+    let stats = opts.stats.clone();
+    stats.kv_blocks_total.store(blocks as u64, Relaxed);
+    loop {
+        // Block only when there is nothing to do; otherwise take whatever has arrived.
+        if sched.is_idle() {
+            match rx.recv() {
+                Ok(s) => sched.add(admit(s)),
+                Err(_) => return,
+            }
+        }
+        while let Ok(s) = rx.try_recv() {
+            sched.add(admit(s));
+        }
+        sched.drop_finished();
+        let step_started = Instant::now();
+        let planned = sched.plan();
+        stats.record_queue(&sched);
+        if planned == 0 {
+            if !sched.is_idle() {
+                // Nothing fits and nothing runs: cannot happen with a non-empty pool, but never
+                // spin silently.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            continue;
+        }
+
+        let runs: Vec<Run> = sched
+            .running
+            .iter()
+            .filter(|s| s.scheduled > 0)
+            .map(|s| Run {
+                tokens: &s.tokens[s.computed..s.computed + s.scheduled],
+                start: s.computed,
+                table: &s.table,
+                wants_logits: s.computed + s.scheduled == s.tokens.len(),
+            })
+            .collect();
+        let batch = runs.len();
+        let result = model.forward(&runs, &mut pool);
+        drop(runs);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step fails the sequences in it, never silently.
+                let msg = format!("forward pass failed: {e}");
+                for s in sched.running.iter_mut().filter(|s| s.scheduled > 0) {
+                    s.respond(Err(EngineError::Generation(msg.clone())));
+                    s.finish = Some(FinishReason::Other("error".into()));
+                }
+                continue;
+            }
+        };
+        for s in sched.running.iter_mut().filter(|s| s.scheduled > 0) {
+            let n = s.scheduled;
+            s.commit(n, &mut sched.blocks);
+        }
+
+        // Masks, argmax and grammar bookkeeping for all sampled sequences, in parallel.
+        let mut logits = logits.into_iter();
+        let mut work: Vec<(&mut Sequence, Vec<f32>)> = Vec::new();
+        for s in sched.running.iter_mut().filter(|s| s.scheduled > 0) {
+            if let Some(Some(l)) = logits.next() {
+                work.push((s, l));
+            }
+        }
+        work.par_iter_mut().for_each(|(s, l)| {
+            if let Err(e) = advance(s, l, &eos, dry.as_ref()) {
+                s.respond(Err(e));
+                s.finish = Some(FinishReason::Other("error".into()));
+            }
+        });
+        for s in sched.running.iter_mut().filter(|s| s.finish.is_some()) {
+            s.respond(Ok(()));
+        }
+        stats.record_step(batch, planned, step_started.elapsed(), &sched);
+    }
+}
+
+fn pool_blocks(c: &weights::Config, bytes: usize) -> usize {
+    let bytes_per_block = KvPool::bytes_per_token(c.layers, c.kv_heads, c.head_dim) * BLOCK_SIZE;
+    (bytes / bytes_per_block).max(1)
+}
+
+fn admit(s: Submission) -> Sequence {
+    let prompt_len = s.prompt.len();
+    Sequence {
+        tokens: s.prompt,
+        prompt_len,
+        max_tokens: s.max_tokens,
+        table: Vec::new(),
+        computed: 0,
+        hashes: Vec::new(),
+        matcher: s.matcher,
+        reply: Some(s.reply),
+        submitted: s.submitted,
+        first_token: None,
+        scheduled: 0,
+        finish: None,
+        cached_prompt_tokens: 0,
+    }
+}
+
+/// Pick the next token under the grammar, append it and any forced tokens, and decide whether
+/// the sequence is finished.
+fn advance(
+    s: &mut Sequence,
+    logits: &mut [f32],
+    eos: &[u32],
+    dry: Option<&Dry>,
+) -> Result<(), EngineError> {
+    let err = |e: anyhow::Error| EngineError::Generation(format!("grammar: {e}"));
+    s.first_token.get_or_insert_with(|| s.submitted.elapsed());
+    let mask = s.matcher.compute_mask().map_err(err)?;
+    if let Some(dry) = dry {
+        dry.apply(logits, &s.tokens);
+    }
+    let tok = sampler::greedy(logits, &mask).ok_or_else(|| {
+        EngineError::Generation("the grammar allows no token the model can produce".into())
+    })?;
+    if eos.contains(&tok) {
+        s.finish = Some(FinishReason::Stop);
+        return Ok(());
+    }
+    s.matcher.consume_token(tok).map_err(err)?;
+    s.tokens.push(tok);
+    let forced = s.matcher.compute_ff_tokens();
+    if !forced.is_empty() {
+        s.matcher.consume_tokens(&forced).map_err(err)?;
+        s.tokens.extend_from_slice(&forced);
+    }
+    if s.matcher.is_stopped() || grammar_complete(&mut s.matcher, eos) {
+        s.finish = Some(FinishReason::Stop);
+    } else if s.generated() >= s.max_tokens {
+        s.finish = Some(FinishReason::Length);
+    }
+    Ok(())
+}
+
+/// True when the only thing the grammar still allows is an end token: the JSON is complete, and
+/// running the model once more just to sample that token would be wasted.
+fn grammar_complete(m: &mut Matcher, eos: &[u32]) -> bool {
+    if !m.is_accepting().unwrap_or(false) {
+        return false;
+    }
+    match m.compute_mask() {
+        Ok(mask) => {
+            let mut only_eos = true;
+            mask.iter_set_entries(|i| only_eos &= eos.contains(&(i as u32)));
+            only_eos
+        }
+        Err(_) => false,
+    }
+}

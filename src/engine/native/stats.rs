@@ -1,0 +1,50 @@
+//! Counters the engine thread keeps about its steps, for `/metrics` and benchmarks. Written
+//! only by the engine thread (relaxed atomics), read by anyone at any time.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::scheduler::Scheduler;
+
+#[derive(Debug, Default)]
+pub struct NativeStats {
+    pub steps: AtomicU64,
+    /// Sum over steps of the sequences in the step (divide by `steps` for the mean batch).
+    pub step_sequences: AtomicU64,
+    pub step_tokens: AtomicU64,
+    pub step_micros: AtomicU64,
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    /// Admissions that reused at least one cached block, and the prompt tokens so skipped.
+    pub prefix_hits: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+}
+
+impl NativeStats {
+    pub(super) fn record_queue(&self, s: &Scheduler) {
+        self.running.store(s.running.len() as u64, Relaxed);
+        self.waiting.store(s.waiting.len() as u64, Relaxed);
+        self.kv_blocks_used.store(s.blocks.used() as u64, Relaxed);
+        self.prefix_hits.store(s.blocks.prefix_hits, Relaxed);
+        self.prefix_hit_tokens
+            .store(s.blocks.prefix_hit_tokens, Relaxed);
+        self.preemptions.store(s.preemptions, Relaxed);
+    }
+
+    pub(super) fn record_step(
+        &self,
+        sequences: usize,
+        tokens: usize,
+        took: Duration,
+        s: &Scheduler,
+    ) {
+        self.steps.fetch_add(1, Relaxed);
+        self.step_sequences.fetch_add(sequences as u64, Relaxed);
+        self.step_tokens.fetch_add(tokens as u64, Relaxed);
+        self.step_micros.fetch_add(took.as_micros() as u64, Relaxed);
+        self.record_queue(s);
+    }
+}

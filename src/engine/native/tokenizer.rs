@@ -1,0 +1,227 @@
+//! The served model's tokenizer and chat template, for the native engine.
+//!
+//! From a model directory (or a GGUF with `--tokenizer DIR`): `tokenizer.json` and the chat
+//! template of `tokenizer_config.json` (or `chat_template.jinja`). From a bare GGUF: a byte-level
+//! BPE rebuilt from the `tokenizer.ggml.*` metadata (tokens, merges, control tokens) and the
+//! `tokenizer.chat_template` string — SmolLM2's GGUF ships no tokenizer.json anywhere we can reach.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use candle_core::quantized::gguf_file;
+use minijinja::{context, Environment};
+use serde::Serialize;
+use tokenizers::models::bpe::BPE;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::engine::{PromptMessage, PromptRole};
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+#[derive(Serialize)]
+struct TemplateMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+impl ChatTemplate {
+    pub fn new(source: String, bos_token: String, eos_token: String) -> anyhow::Result<Self> {
+        let mut env = Environment::new();
+        // HF templates call Python string methods (`.strip()`, `.startswith()`, ...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source)
+            .context("chat template does not parse")?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// The prompt text for these messages, ending with the assistant's turn opening. Thinking is
+    /// off (Qwen3 templates read `enable_thinking`).
+    pub fn render(&self, messages: &[PromptMessage]) -> anyhow::Result<String> {
+        let msgs: Vec<TemplateMessage> = messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: match m.role {
+                    PromptRole::System => "system",
+                    PromptRole::User => "user",
+                },
+                content: &m.content,
+            })
+            .collect();
+        let tmpl = self.env.get_template("chat")?;
+        Ok(tmpl.render(context! {
+            messages => msgs,
+            add_generation_prompt => true,
+            enable_thinking => false,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })?)
+    }
+}
+
+/// `bos_token` / `eos_token` in tokenizer_config.json are a string or `{"content": ...}`.
+fn token_string(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+pub fn from_hf_dir(dir: &Path) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
+    let tok = Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| anyhow!("reading tokenizer.json: {e}"))?;
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json"))?)?;
+    let template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        Ok(t) => t,
+        Err(_) => cfg
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| anyhow!("{} has no chat template", dir.display()))?
+            .to_string(),
+    };
+    let chat = ChatTemplate::new(
+        template,
+        token_string(cfg.get("bos_token")),
+        token_string(cfg.get("eos_token")),
+    )?;
+    Ok((tok, chat))
+}
+
+fn meta_str<'a>(c: &'a gguf_file::Content, key: &str) -> anyhow::Result<&'a str> {
+    Ok(c.metadata
+        .get(key)
+        .ok_or_else(|| anyhow!("GGUF lacks {key}"))?
+        .to_string()?
+        .as_str())
+}
+
+fn meta_u32(c: &gguf_file::Content, key: &str) -> Option<u32> {
+    c.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+/// Rebuild a byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.model == "gpt2"`).
+pub fn from_gguf(c: &gguf_file::Content) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
+    let model = meta_str(c, "tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        anyhow::bail!("GGUF tokenizer model {model:?} is not supported without --tokenizer DIR");
+    }
+    let tokens: Vec<String> = c
+        .metadata
+        .get("tokenizer.ggml.tokens")
+        .ok_or_else(|| anyhow!("GGUF lacks tokenizer.ggml.tokens"))?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<_, _>>()?;
+    let merges: Vec<(String, String)> = match c.metadata.get("tokenizer.ggml.merges") {
+        Some(m) => m
+            .to_vec()?
+            .iter()
+            .map(|v| {
+                let s = v.to_string()?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| candle_core::Error::Msg(format!("bad merge {s:?}")))?;
+                Ok((a.to_string(), b.to_string()))
+            })
+            .collect::<candle_core::Result<_>>()?,
+        None => Vec::new(),
+    };
+    let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
+        Some(t) => t
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_i32())
+            .collect::<Result<_, _>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
+    let mut tok = Tokenizer::new(bpe);
+    let byte_level = tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true);
+    tok.with_pre_tokenizer(Some(byte_level));
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    // Control (3) and user-defined (4) tokens are matched whole, never split into bytes.
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, t)| **t == 3 || **t == 4)
+        .map(|(s, _)| AddedToken::from(s.clone(), true))
+        .collect();
+    tok.add_special_tokens(&specials);
+
+    let token_at = |key: &str| {
+        meta_u32(c, key)
+            .and_then(|i| tokens.get(i as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let template = meta_str(c, "tokenizer.chat_template")
+        .context("GGUF has no chat template: pass --tokenizer DIR")?
+        .to_string();
+    let chat = ChatTemplate::new(
+        template,
+        token_at("tokenizer.ggml.bos_token_id"),
+        token_at("tokenizer.ggml.eos_token_id"),
+    )?;
+    Ok((tok, chat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_model_template_renders_chatml_with_generation_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tiny_model::write(dir.path(), 3).unwrap();
+        let (tok, chat) = from_hf_dir(dir.path()).unwrap();
+        let text = chat
+            .render(&[
+                PromptMessage {
+                    role: PromptRole::System,
+                    content: "sys".into(),
+                },
+                PromptMessage {
+                    role: PromptRole::User,
+                    content: "hi".into(),
+                },
+            ])
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(ids.get_ids()[0], 257, "special tokens stay whole");
+    }
+}

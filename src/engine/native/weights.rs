@@ -1,0 +1,294 @@
+//! Model configuration and weights for the decoder-only family we serve: Llama, Qwen2 and Qwen3,
+//! one implementation with per-architecture switches (q/k norms for Qwen3, q/k/v biases for
+//! Qwen2, interleaved RoPE for GGUF Llama).
+//!
+//! GGUF tensors stay quantized (`QMatMul` runs candle's quantized kernels on them); safetensors
+//! weights are loaded as f32. Embeddings and norms are always f32.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub max_positions: usize,
+    /// GGUF Llama stores q/k rotated in adjacent pairs; HF checkpoints in two halves.
+    pub rope_interleaved: bool,
+}
+
+/// A linear layer `y = x W^T (+ b)`, quantized or dense.
+pub struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.w.forward(x)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct Weights {
+    pub config: Config,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+}
+
+impl Weights {
+    pub fn from_gguf(path: &Path) -> anyhow::Result<(Self, gguf_file::Content)> {
+        let dev = Device::Cpu;
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow!("reading GGUF {}: {e}", path.display()))?;
+        let md = |key: &str| {
+            content
+                .metadata
+                .get(key)
+                .ok_or_else(|| anyhow!("GGUF lacks {key}"))
+        };
+        let arch_name = md("general.architecture")?.to_string()?.clone();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            other => bail!("GGUF architecture {other:?} is not served by the native engine"),
+        };
+        let get = |k: &str| md(&format!("{arch_name}.{k}"));
+        let hidden = get("embedding_length")?.to_u32()? as usize;
+        let heads = get("attention.head_count")?.to_u32()? as usize;
+        let kv_heads = get("attention.head_count_kv")?.to_u32()? as usize;
+        let head_dim = get("attention.key_length")
+            .and_then(|v| Ok(v.to_u32()? as usize))
+            .unwrap_or(hidden / heads);
+        let mut tensor = |name: &str| -> anyhow::Result<QTensor> {
+            content
+                .tensor(&mut file, name, &dev)
+                .map_err(|e| anyhow!("GGUF tensor {name}: {e}"))
+        };
+        let embed_q = tensor("token_embd.weight")?;
+        let vocab = embed_q.shape().dims()[0];
+        let embed = embed_q.dequantize(&dev)?;
+        let lm_head = match tensor("output.weight") {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            Err(_) => QMatMul::from_qtensor(embed_q)?,
+        };
+        let config = Config {
+            arch,
+            hidden,
+            layers: get("block_count")?.to_u32()? as usize,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            rope_theta: get("rope.freq_base")
+                .and_then(|v| Ok(v.to_f32()?))
+                .unwrap_or(10_000.0),
+            rms_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()?,
+            max_positions: get("context_length")?.to_u32()? as usize,
+            rope_interleaved: arch == Arch::Llama,
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = format!("blk.{i}");
+            let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
+                let w = QMatMul::from_qtensor(tensor(&format!("{p}.{name}.weight"))?)?;
+                let b = if bias {
+                    Some(tensor(&format!("{p}.{name}.bias"))?.dequantize(&dev)?)
+                } else {
+                    None
+                };
+                Ok(Linear { w, b })
+            };
+            let qkv_bias = arch == Arch::Qwen2;
+            let q = lin("attn_q", qkv_bias)?;
+            let k = lin("attn_k", qkv_bias)?;
+            let v = lin("attn_v", qkv_bias)?;
+            let o = lin("attn_output", false)?;
+            let gate = lin("ffn_gate", false)?;
+            let up = lin("ffn_up", false)?;
+            let down = lin("ffn_down", false)?;
+            let mut dense = |name: &str| -> anyhow::Result<Tensor> {
+                Ok(tensor(&format!("{p}.{name}.weight"))?.dequantize(&dev)?)
+            };
+            let (q_norm, k_norm) = if arch == Arch::Qwen3 {
+                (Some(dense("attn_q_norm")?), Some(dense("attn_k_norm")?))
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: dense("attn_norm")?,
+                ffn_norm: dense("ffn_norm")?,
+                q,
+                k,
+                v,
+                o,
+                q_norm,
+                k_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = tensor("output_norm.weight")?.dequantize(&dev)?;
+        Ok((
+            Self {
+                config,
+                embed,
+                layers,
+                norm,
+                lm_head: Linear {
+                    w: lm_head,
+                    b: None,
+                },
+            },
+            content,
+        ))
+    }
+
+    /// A Hugging Face directory: config.json and one or more *.safetensors shards.
+    pub fn from_safetensors_dir(dir: &Path) -> anyhow::Result<Self> {
+        let dev = Device::Cpu;
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+        let arch = match cfg["architectures"][0].as_str().unwrap_or_default() {
+            "LlamaForCausalLM" => Arch::Llama,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
+            other => bail!("architecture {other:?} is not served by the native engine"),
+        };
+        let num = |k: &str| {
+            cfg[k]
+                .as_f64()
+                .ok_or_else(|| anyhow!("config.json lacks {k}"))
+        };
+        let hidden = num("hidden_size")? as usize;
+        let heads = num("num_attention_heads")? as usize;
+        let config = Config {
+            arch,
+            hidden,
+            layers: num("num_hidden_layers")? as usize,
+            heads,
+            kv_heads: num("num_key_value_heads").unwrap_or(heads as f64) as usize,
+            head_dim: num("head_dim")
+                .map(|h| h as usize)
+                .unwrap_or(hidden / heads),
+            vocab: num("vocab_size")? as usize,
+            rope_theta: num("rope_theta").unwrap_or(10_000.0) as f32,
+            rms_eps: num("rms_norm_eps")? as f32,
+            max_positions: num("max_position_embeddings")? as usize,
+            rope_interleaved: false,
+        };
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                tensors.extend(candle_core::safetensors::load(&path, &dev)?);
+            }
+        }
+        let mut take = |name: &str| -> anyhow::Result<Tensor> {
+            Ok(tensors
+                .remove(name)
+                .ok_or_else(|| anyhow!("weights lack {name}"))?
+                .to_dtype(DType::F32)?)
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
+                Ok(Linear {
+                    w: QMatMul::Tensor(take(&format!("{p}.{name}.weight"))?),
+                    b: if bias {
+                        Some(take(&format!("{p}.{name}.bias"))?)
+                    } else {
+                        None
+                    },
+                })
+            };
+            let qkv_bias = arch == Arch::Qwen2;
+            let q = lin("self_attn.q_proj", qkv_bias)?;
+            let k = lin("self_attn.k_proj", qkv_bias)?;
+            let v = lin("self_attn.v_proj", qkv_bias)?;
+            let o = lin("self_attn.o_proj", false)?;
+            let gate = lin("mlp.gate_proj", false)?;
+            let up = lin("mlp.up_proj", false)?;
+            let down = lin("mlp.down_proj", false)?;
+            let (q_norm, k_norm) = if arch == Arch::Qwen3 {
+                (
+                    Some(take(&format!("{p}.self_attn.q_norm.weight"))?),
+                    Some(take(&format!("{p}.self_attn.k_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                q,
+                k,
+                v,
+                o,
+                q_norm,
+                k_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        let lm_head = match take("lm_head.weight") {
+            Ok(w) => w,
+            Err(_) => embed.clone(),
+        };
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head: Linear {
+                w: QMatMul::Tensor(lm_head),
+                b: None,
+            },
+        })
+    }
+}
