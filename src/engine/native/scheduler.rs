@@ -53,16 +53,14 @@ impl Scheduler {
     pub fn drop_finished(&mut self) -> usize {
         let mut dropped = 0;
         let blocks = &mut self.blocks;
-        for list in [&mut self.running] {
-            list.retain_mut(|s| {
-                let keep = !s.is_cancelled() && s.finish.is_none();
-                if !keep {
-                    s.free_blocks(blocks);
-                    dropped += 1;
-                }
-                keep
-            });
-        }
+        self.running.retain_mut(|s| {
+            let keep = !s.is_cancelled() && s.finish.is_none();
+            if !keep {
+                s.free_blocks(blocks);
+                dropped += 1;
+            }
+            keep
+        });
         self.waiting.retain_mut(|s| {
             let keep = !s.is_cancelled();
             if !keep {
