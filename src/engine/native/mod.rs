@@ -5,7 +5,8 @@
 //! after another and slower than alone. Here every step runs all scheduled sequences together:
 //!
 //! - `scheduler`: who runs this step and how many tokens (decode first, chunked prefill after);
-//! - `model`: one flattened forward pass for the step (`weights`: Llama / Qwen2 / Qwen3);
+//! - `model`: one flattened forward pass for the step (`weights`: Llama / Qwen2 / Qwen3;
+//!   `linear`: the matmul kernels, which read each weight once per step for all rows);
 //! - `kv_cache`: the KV block pool, block manager and prefix cache;
 //! - `stats`: step counters for metrics;
 //! - `sequence`: a generation in flight, with its llguidance matcher;
@@ -16,6 +17,7 @@
 //! step's forward pass), and a sequence finishes the moment the grammar is complete.
 
 pub mod kv_cache;
+pub mod linear;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;

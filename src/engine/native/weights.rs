@@ -2,16 +2,18 @@
 //! one implementation with per-architecture switches (q/k norms for Qwen3, q/k/v biases for
 //! Qwen2, interleaved RoPE for GGUF Llama).
 //!
-//! GGUF tensors stay quantized (`QMatMul` runs candle's quantized kernels on them); safetensors
-//! weights are loaded as f32. Embeddings and norms are always f32.
+//! GGUF tensors stay quantized (`linear` runs them with our kernels); safetensors weights are
+//! loaded as f32. Embeddings and norms are always f32.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::linear::{Group, Linear};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -36,42 +38,45 @@ pub struct Config {
     pub rope_interleaved: bool,
 }
 
-/// A linear layer `y = x W^T (+ b)`, quantized or dense.
-pub struct Linear {
-    w: QMatMul,
-    b: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
-        match &self.b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
 pub struct Layer {
-    pub attn_norm: Tensor,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    pub attn_norm: Vec<f32>,
+    /// q, k and v projections.
+    pub qkv: Group,
     pub o: Linear,
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
-    pub ffn_norm: Tensor,
-    pub gate: Linear,
-    pub up: Linear,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up projections.
+    pub gate_up: Group,
     pub down: Linear,
 }
 
 pub struct Weights {
     pub config: Config,
-    pub embed: Tensor,
+    /// `[vocab, hidden]`.
+    pub embed: Vec<f32>,
     pub layers: Vec<Layer>,
-    pub norm: Tensor,
+    pub norm: Vec<f32>,
     pub lm_head: Linear,
+}
+
+impl Weights {
+    /// Every linear layer quantized to `dtype`.
+    #[cfg(test)]
+    pub fn quantized(mut self, dtype: candle_core::quantized::GgmlDType) -> anyhow::Result<Self> {
+        for l in &mut self.layers {
+            l.qkv = l.qkv.quantized(dtype)?;
+            l.o = l.o.quantized(dtype)?;
+            l.gate_up = l.gate_up.quantized(dtype)?;
+            l.down = l.down.quantized(dtype)?;
+        }
+        self.lm_head = self.lm_head.quantized(dtype)?;
+        Ok(self)
+    }
+}
+
+fn f32_vec(t: &Tensor) -> anyhow::Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 impl Weights {
@@ -107,10 +112,10 @@ impl Weights {
         };
         let embed_q = tensor("token_embd.weight")?;
         let vocab = embed_q.shape().dims()[0];
-        let embed = embed_q.dequantize(&dev)?;
+        let embed = f32_vec(&embed_q.dequantize(&dev)?)?;
         let lm_head = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(embed_q)?,
+            Ok(t) => Linear::from_qtensor(&t, None)?,
+            Err(_) => Linear::from_qtensor(&embed_q, None)?,
         };
         let config = Config {
             arch,
@@ -131,13 +136,14 @@ impl Weights {
         for i in 0..config.layers {
             let p = format!("blk.{i}");
             let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
-                let w = QMatMul::from_qtensor(tensor(&format!("{p}.{name}.weight"))?)?;
                 let b = if bias {
-                    Some(tensor(&format!("{p}.{name}.bias"))?.dequantize(&dev)?)
+                    Some(f32_vec(
+                        &tensor(&format!("{p}.{name}.bias"))?.dequantize(&dev)?,
+                    )?)
                 } else {
                     None
                 };
-                Ok(Linear { w, b })
+                Linear::from_qtensor(&tensor(&format!("{p}.{name}.weight"))?, b)
             };
             let qkv_bias = arch == Arch::Qwen2;
             let q = lin("attn_q", qkv_bias)?;
@@ -147,8 +153,8 @@ impl Weights {
             let gate = lin("ffn_gate", false)?;
             let up = lin("ffn_up", false)?;
             let down = lin("ffn_down", false)?;
-            let mut dense = |name: &str| -> anyhow::Result<Tensor> {
-                Ok(tensor(&format!("{p}.{name}.weight"))?.dequantize(&dev)?)
+            let mut dense = |name: &str| -> anyhow::Result<Vec<f32>> {
+                f32_vec(&tensor(&format!("{p}.{name}.weight"))?.dequantize(&dev)?)
             };
             let (q_norm, k_norm) = if arch == Arch::Qwen3 {
                 (Some(dense("attn_q_norm")?), Some(dense("attn_k_norm")?))
@@ -158,28 +164,22 @@ impl Weights {
             layers.push(Layer {
                 attn_norm: dense("attn_norm")?,
                 ffn_norm: dense("ffn_norm")?,
-                q,
-                k,
-                v,
+                qkv: Group::new(vec![q, k, v]),
                 o,
                 q_norm,
                 k_norm,
-                gate,
-                up,
+                gate_up: Group::new(vec![gate, up]),
                 down,
             });
         }
-        let norm = tensor("output_norm.weight")?.dequantize(&dev)?;
+        let norm = f32_vec(&tensor("output_norm.weight")?.dequantize(&dev)?)?;
         Ok((
             Self {
                 config,
                 embed,
                 layers,
                 norm,
-                lm_head: Linear {
-                    w: lm_head,
-                    b: None,
-                },
+                lm_head,
             },
             content,
         ))
@@ -236,14 +236,12 @@ impl Weights {
         for i in 0..config.layers {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
-                Ok(Linear {
-                    w: QMatMul::Tensor(take(&format!("{p}.{name}.weight"))?),
-                    b: if bias {
-                        Some(take(&format!("{p}.{name}.bias"))?)
-                    } else {
-                        None
-                    },
-                })
+                let b = if bias {
+                    Some(f32_vec(&take(&format!("{p}.{name}.bias"))?)?)
+                } else {
+                    None
+                };
+                Linear::dense(take(&format!("{p}.{name}.weight"))?, b)
             };
             let qkv_bias = arch == Arch::Qwen2;
             let q = lin("self_attn.q_proj", qkv_bias)?;
@@ -255,40 +253,34 @@ impl Weights {
             let down = lin("mlp.down_proj", false)?;
             let (q_norm, k_norm) = if arch == Arch::Qwen3 {
                 (
-                    Some(take(&format!("{p}.self_attn.q_norm.weight"))?),
-                    Some(take(&format!("{p}.self_attn.k_norm.weight"))?),
+                    Some(f32_vec(&take(&format!("{p}.self_attn.q_norm.weight"))?)?),
+                    Some(f32_vec(&take(&format!("{p}.self_attn.k_norm.weight"))?)?),
                 )
             } else {
                 (None, None)
             };
             layers.push(Layer {
-                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-                q,
-                k,
-                v,
+                attn_norm: f32_vec(&take(&format!("{p}.input_layernorm.weight"))?)?,
+                ffn_norm: f32_vec(&take(&format!("{p}.post_attention_layernorm.weight"))?)?,
+                qkv: Group::new(vec![q, k, v]),
                 o,
                 q_norm,
                 k_norm,
-                gate,
-                up,
+                gate_up: Group::new(vec![gate, up]),
                 down,
             });
         }
-        let norm = take("model.norm.weight")?;
+        let norm = f32_vec(&take("model.norm.weight")?)?;
         let lm_head = match take("lm_head.weight") {
-            Ok(w) => w,
-            Err(_) => embed.clone(),
+            Ok(w) => Linear::dense(w, None)?,
+            Err(_) => Linear::dense(embed.clone(), None)?,
         };
         Ok(Self {
             config,
-            embed,
+            embed: f32_vec(&embed)?,
             layers,
             norm,
-            lm_head: Linear {
-                w: QMatMul::Tensor(lm_head),
-                b: None,
-            },
+            lm_head,
         })
     }
 }
