@@ -34,6 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve POST /extract/memory on a local model.
     Serve(ServeArgs),
+    /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
+    /// an /extract/memory request body read from stdin turns into. Needs no model.
+    Render,
     /// Write the tiny random-weight Qwen3 used by tests and smoke runs into a directory.
     TinyModel {
         /// Directory to write into (created if missing).

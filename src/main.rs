@@ -7,6 +7,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Render => render(),
         Command::TinyModel { dir, seed } => memex::tiny_model::write(&dir, seed)
             .map(|_| println!("wrote tiny Qwen3 model to {}", dir.display())),
     };
@@ -24,4 +25,35 @@ async fn serve(args: memex::config::ServeArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "memex {}", env!("CARGO_PKG_VERSION"));
     let running = memex::server::start(args).await?;
     running.task.await?
+}
+
+fn render() -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    std::io::stdin().read_to_end(&mut body)?;
+    let req = memex::api::types::ExtractRequest::from_json(&body)?;
+    let limits = memex::pipeline::schema::OutputLimits::default();
+    let requests =
+        memex::pipeline::Extractor::render(req.messages, req.extraction_types.as_deref(), &limits)?;
+    for (branch, r) in requests {
+        let messages: Vec<serde_json::Value> = r
+            .messages
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    memex::engine::PromptRole::System => "system",
+                    memex::engine::PromptRole::User => "user",
+                };
+                serde_json::json!({ "role": role, "content": m.content })
+            })
+            .collect();
+        let line = serde_json::json!({
+            "branch": branch.name(),
+            "messages": messages,
+            "schema": r.schema,
+            "max_tokens": r.max_tokens,
+        });
+        println!("{line}");
+    }
+    Ok(())
 }

@@ -219,6 +219,41 @@ impl Extractor {
         })
     }
 
+    /// The engine requests an extraction would make, without running them: what `memex render`
+    /// prints, and what the side-by-side benchmark sends to other servers.
+    pub fn render(
+        messages: Option<Vec<WireMessage>>,
+        extraction_types: Option<&[ExtractionType]>,
+        limits: &OutputLimits,
+    ) -> Result<Vec<(Branch, GenerateRequest)>, PipelineError> {
+        let dialogue = clean::clean(messages)?;
+        let language = language::detect(&dialogue);
+        let prompts = Prompts::new().map_err(|e| PipelineError::Branch {
+            branch: Branch::Memory,
+            reason: format!("prompt templates: {e}"),
+        })?;
+        branch::choose(Requested::from_types(extraction_types), &dialogue)
+            .into_iter()
+            .map(|branch| {
+                let schema = schema::schema_for(branch, limits);
+                let messages = prompts
+                    .render(branch, &language, &dialogue, limits.max_items)
+                    .map_err(|e| PipelineError::Branch {
+                        branch,
+                        reason: format!("prompt template: {e}"),
+                    })?;
+                Ok((
+                    branch,
+                    GenerateRequest {
+                        messages,
+                        max_tokens: schema::worst_case_tokens(&schema),
+                        schema,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     async fn run_branch(
         &self,
         branch: Branch,
