@@ -49,9 +49,30 @@ def post(base: str, key: str, body: dict, timeout: float):
         with urllib.request.urlopen(req, timeout=timeout) as r:
             r.read()
             gen = int(r.headers.get("x-generated-tokens", "0"))
-            return r.status, gen, time.perf_counter() - t0
+            prompt = int(r.headers.get("x-prompt-tokens", "0"))
+            cached = int(r.headers.get("x-cached-prompt-tokens", "0"))
+            return r.status, gen, time.perf_counter() - t0, prompt, cached
     except urllib.error.HTTPError as e:
-        return e.code, 0, time.perf_counter() - t0
+        return e.code, 0, time.perf_counter() - t0, 0, 0
+
+
+def ttft_totals(base, key):
+    """(sum, count) of memex_time_to_first_token_seconds over all branches, or None."""
+    req = urllib.request.Request(base + "/metrics")
+    if key:
+        req.add_header("Authorization", f"Token {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+    except Exception:
+        return None
+    total = [0.0, 0.0]
+    for line in text.splitlines():
+        for i, name in enumerate(("memex_time_to_first_token_seconds_sum",
+                                  "memex_time_to_first_token_seconds_count")):
+            if line.startswith(name + "{"):
+                total[i] += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def run_level(base, key, level, n, types, timeout):
@@ -61,10 +82,15 @@ def run_level(base, key, level, n, types, timeout):
         if types != "both":
             b["extraction_types"] = [types]
         bodies.append(b)
+    before = ttft_totals(base, key)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=level) as pool:
         results = list(pool.map(lambda b: post(base, key, b, timeout), bodies))
     wall = time.perf_counter() - t0
+    after = ttft_totals(base, key)
+    ttft = None
+    if before and after and after[1] > before[1]:
+        ttft = round((after[0] - before[0]) / (after[1] - before[1]), 3)
     ok = [r for r in results if r[0] == 200]
     gen = sum(r[1] for r in ok)
     lat = sorted(r[2] for r in ok)
@@ -78,6 +104,9 @@ def run_level(base, key, level, n, types, timeout):
         "gen_tok_per_s": round(gen / wall, 1) if wall > 0 else 0,
         "p50_s": round(statistics.median(lat), 2) if lat else None,
         "max_s": round(lat[-1], 2) if lat else None,
+        "mean_ttft_s": ttft,
+        "prompt_tokens": sum(r[3] for r in ok),
+        "cached_prompt_tokens": sum(r[4] for r in ok),
     }
 
 
@@ -95,11 +124,13 @@ def main():
         row = run_level(args.base, args.key, level, args.requests, args.types, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| concurrency | requests | ok | wall s | generated tokens | gen tok/s | p50 s | max s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| concurrency | requests | ok | wall s | generated tokens | gen tok/s | p50 s | max s "
+          "| mean TTFT s | prompt tokens | cached |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['wall_s']} | "
-              f"{r['generated_tokens']} | {r['gen_tok_per_s']} | {r['p50_s']} | {r['max_s']} |")
+              f"{r['generated_tokens']} | {r['gen_tok_per_s']} | {r['p50_s']} | {r['max_s']} | "
+              f"{r['mean_ttft_s']} | {r['prompt_tokens']} | {r['cached_prompt_tokens']} |")
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

@@ -66,6 +66,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048)]
     pub kv_cache_mb: usize,
 
+    /// Native engine: reuse the KV blocks of prompt prefixes already computed (the branch
+    /// templates), so a request computes only what differs from earlier ones.
+    #[arg(long, env = "MEMEX_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+
     /// Native engine: most tokens one step runs (decode tokens plus prefill chunks).
     #[arg(long, env = "MEMEX_STEP_TOKENS", default_value_t = 512)]
     pub step_tokens: usize,
@@ -199,6 +204,7 @@ impl ServeArgs {
             step_tokens: self.step_tokens,
             kv_cache_bytes: self.kv_cache_mb << 20,
             repetition_guard: self.repetition_guard,
+            prefix_cache: self.prefix_cache,
             ..NativeOptions::default()
         }
     }

@@ -171,6 +171,7 @@ async fn load(
 ) -> anyhow::Result<Arc<Extractor>> {
     let engine = crate::engine::load(args.engine, source, &args.mistral(), &args.native()).await?;
     let engine = MeteredEngine::wrap(engine, metrics.clone());
+    metrics.watch_engine(engine.clone());
     let extractor = Extractor::new(engine, args.pipeline())?;
     Ok(Arc::new(extractor))
 }

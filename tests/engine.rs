@@ -126,6 +126,66 @@ fn constrained_output_is_complete_json_and_stops_at_its_end() {
     });
 }
 
+/// The native engine computes a prompt prefix it has seen once: the second request, sharing a
+/// long system prompt with the first, reports those tokens as cached (and the engine's counters
+/// agree); with `prefix_cache` off nothing is reused.
+#[test]
+fn a_shared_prompt_prefix_is_computed_once() {
+    rt().block_on(async {
+        let limits = OutputLimits {
+            max_items: 2,
+            max_text_chars: 10,
+            max_label_chars: 8,
+            max_tags: 1,
+        };
+        // The tiny model's tokenizer is byte-level: about one token per character.
+        let system = "You extract memories from dialogues. ".repeat(8);
+        let req = |user: &str| {
+            let mut r = request(user, &limits, Branch::Memory);
+            r.messages[0].content = system.clone();
+            r
+        };
+        let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
+        for prefix_cache in [true, false] {
+            let opts = NativeOptions {
+                prefix_cache,
+                ..NativeOptions::default()
+            };
+            let e = memex::engine::load(
+                EngineKind::Native,
+                &source,
+                &MistralOptions::default(),
+                &opts,
+            )
+            .await
+            .unwrap();
+            let first = e.generate(req("first dialogue")).await.unwrap();
+            let second = e.generate(req("another, longer dialogue")).await.unwrap();
+            let stats = e.stats().expect("the native engine has counters");
+            assert_eq!(first.cached_prompt_tokens, 0, "nothing was cached before");
+            assert_eq!(second.finish, FinishReason::Stop);
+            if prefix_cache {
+                // At least the whole blocks of the shared system prompt, never the whole prompt.
+                let shared_blocks = (system.len() / 16).saturating_sub(1);
+                assert!(
+                    second.cached_prompt_tokens >= shared_blocks * 16,
+                    "{} cached of a ~{}-token shared prefix",
+                    second.cached_prompt_tokens,
+                    system.len()
+                );
+                assert!(second.cached_prompt_tokens < second.prompt_tokens);
+                assert!(stats.prefix_hits >= 1);
+                assert!(stats.prefix_hit_tokens >= second.cached_prompt_tokens as u64);
+            } else {
+                assert_eq!(second.cached_prompt_tokens, 0);
+                assert_eq!(stats.prefix_hits, 0);
+            }
+            assert!(stats.steps > 0 && stats.step_tokens >= stats.steps);
+            assert!(stats.kv_blocks_total > 0);
+        }
+    });
+}
+
 #[test]
 fn counts_tokens_with_the_models_tokenizer() {
     rt().block_on(async {

@@ -325,6 +325,7 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
         "x-inference-time",
         "x-prompt-tokens",
         "x-generated-tokens",
+        "x-cached-prompt-tokens",
     ] {
         assert!(header_f64_or_id(&ok.1, h), "{h} missing or not a number");
     }
@@ -360,12 +361,26 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
         "memex_rejections_total{reason=\"too_long\"}",
         "memex_rejections_total{reason=\"auth\"}",
         "memex_build_info{version=\"0.1.0\"}",
+        // The native engine's own counters, read through the engine trait.
+        "memex_engine_steps_total",
+        "memex_engine_step_sequences_total",
+        "memex_engine_step_tokens_total",
+        "memex_engine_kv_blocks_total",
     ];
     for series in at_least_one {
         let v = metric(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"));
         assert!(v >= 1.0, "{series} = {v}");
     }
     assert!(metric(&text, "memex_model_load_seconds").unwrap() > 0.0);
+    assert!(metric(&text, "memex_engine_step_seconds_total").unwrap() > 0.0);
+    // Every branch prompt starts with the same system template: after warm-up and a request,
+    // the prefix cache has been used, and the per-branch counter agrees with the engine's.
+    let hits = metric(&text, "memex_engine_prefix_cache_hit_tokens_total").unwrap();
+    let cached = metric(&text, "memex_prompt_cached_tokens_total{branch=\"memory\"}").unwrap();
+    assert!(
+        cached > 0.0 && hits >= cached,
+        "cached {cached}, engine hits {hits}"
+    );
     for zero in [
         "memex_in_flight_requests",
         "memex_queued_requests",
@@ -374,6 +389,10 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
         "memex_rejections_total{reason=\"overloaded\"}",
         "memex_engine_errors_total{kind=\"generation\"}",
         "memex_branch_retries_total{branch=\"memory\"}",
+        "memex_engine_running_sequences",
+        "memex_engine_waiting_sequences",
+        "memex_engine_kv_blocks_used",
+        "memex_engine_preemptions_total",
     ] {
         assert!(metric(&text, zero).is_some(), "{zero} missing:\n{text}");
     }

@@ -140,6 +140,10 @@ fn success(
             .generated_tokens
             .with_label_values(&branch)
             .inc_by(b.generated_tokens as u64);
+        metrics
+            .cached_prompt_tokens
+            .with_label_values(&branch)
+            .inc_by(b.cached_prompt_tokens as u64);
         if b.attempts > 1 {
             metrics
                 .branch_retries
@@ -149,6 +153,11 @@ fn success(
     }
     let prompt_tokens: usize = extraction.branches.iter().map(|b| b.prompt_tokens).sum();
     let generated: usize = extraction.branches.iter().map(|b| b.generated_tokens).sum();
+    let cached: usize = extraction
+        .branches
+        .iter()
+        .map(|b| b.cached_prompt_tokens)
+        .sum();
     // Branches run concurrently: the request waited for the longest one.
     let inference = extraction
         .branches
@@ -161,11 +170,12 @@ fn success(
         .iter()
         .map(|b| {
             format!(
-                "{}:{:.3}s/{}tok/ttft{:.3}s/try{}",
+                "{}:{:.3}s/{}tok/ttft{:.3}s/cached{}/try{}",
                 b.branch,
                 b.generation_time.as_secs_f64(),
                 b.generated_tokens,
                 b.time_to_first_token.as_secs_f64(),
+                b.cached_prompt_tokens,
                 b.attempts
             )
         })
@@ -192,6 +202,7 @@ fn success(
     );
     set_header(headers, "x-prompt-tokens", &prompt_tokens.to_string());
     set_header(headers, "x-generated-tokens", &generated.to_string());
+    set_header(headers, "x-cached-prompt-tokens", &cached.to_string());
     set_header(headers, "x-queue-time", &seconds(queue_time));
     set_header(headers, "x-inference-time", &seconds(inference));
     set_header(headers, "x-language", extraction.language);

@@ -298,6 +298,8 @@ impl Engine for MistralEngine {
             text,
             finish,
             prompt_tokens,
+            // The reference backend runs with its prefix cache off.
+            cached_prompt_tokens: 0,
             generated_tokens,
             time_to_first_token: first_token.unwrap_or(total_time),
             total_time,

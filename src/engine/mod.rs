@@ -106,6 +106,8 @@ pub struct Generation {
     pub text: String,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of a forward pass.
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     /// From submission to the first generated token (queueing and prefill included).
     pub time_to_first_token: Duration,
@@ -147,4 +149,28 @@ pub trait Engine: Send + Sync + 'static {
     async fn count_tokens(&self, text: String) -> Result<usize, EngineError>;
 
     fn info(&self) -> &ModelInfo;
+
+    /// The scheduler's counters, for engines that have them (the native engine).
+    fn stats(&self) -> Option<EngineStats> {
+        None
+    }
+}
+
+/// A snapshot of an engine's step counters. Counters only grow; gauges are current values.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    pub steps: u64,
+    /// Sequences summed over steps: divided by `steps`, the mean batch.
+    pub step_sequences: u64,
+    /// Tokens (prefill chunks and decode tokens) summed over steps.
+    pub step_tokens: u64,
+    pub step_seconds: f64,
+    pub running: u64,
+    pub waiting: u64,
+    pub kv_blocks_used: u64,
+    pub kv_blocks_total: u64,
+    /// Admissions that reused cached prefix blocks, and the prompt tokens they skipped.
+    pub prefix_hits: u64,
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
 }

@@ -57,6 +57,7 @@ pub struct ExtractInput {
 pub struct BranchStats {
     pub branch: Branch,
     pub prompt_tokens: usize,
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub time_to_first_token: Duration,
     pub generation_time: Duration,
@@ -312,6 +313,7 @@ impl Extractor {
             BranchStats {
                 branch,
                 prompt_tokens: generation.prompt_tokens,
+                cached_prompt_tokens: generation.cached_prompt_tokens,
                 generated_tokens: generation.generated_tokens,
                 time_to_first_token: generation.time_to_first_token,
                 generation_time: generation.total_time,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::engine::{Engine, EngineError, GenerateRequest, Generation, ModelInfo};
+use crate::engine::{Engine, EngineError, EngineStats, GenerateRequest, Generation, ModelInfo};
 use crate::telemetry::metrics::Metrics;
 
 pub struct MeteredEngine {
@@ -55,5 +55,9 @@ impl Engine for MeteredEngine {
 
     fn info(&self) -> &ModelInfo {
         self.inner.info()
+    }
+
+    fn stats(&self) -> Option<EngineStats> {
+        self.inner.stats()
     }
 }

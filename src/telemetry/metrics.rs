@@ -9,6 +9,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+
+use crate::engine::{Engine, EngineStats};
 use crate::limits::admission::AdmissionGauges;
 use crate::pipeline::branch::Branch;
 
@@ -75,6 +81,7 @@ pub struct Metrics {
     pub input_tokens: IntCounter,
     pub prompt_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
+    pub cached_prompt_tokens: IntCounterVec,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     pub rejections: IntCounterVec,
@@ -142,6 +149,13 @@ impl Metrics {
                 Opts::new(
                     "memex_prompt_tokens_total",
                     "Prompt tokens sent to the engine, per branch",
+                ),
+                &["branch"],
+            )?,
+            cached_prompt_tokens: IntCounterVec::new(
+                Opts::new(
+                    "memex_prompt_cached_tokens_total",
+                    "Prompt tokens served from the engine's prefix cache, per branch",
                 ),
                 &["branch"],
             )?,
@@ -220,6 +234,7 @@ impl Metrics {
         r.register(Box::new(self.input_tokens.clone()))?;
         r.register(Box::new(self.prompt_tokens.clone()))?;
         r.register(Box::new(self.generated_tokens.clone()))?;
+        r.register(Box::new(self.cached_prompt_tokens.clone()))?;
         r.register(Box::new(self.in_flight.clone()))?;
         r.register(Box::new(self.queued.clone()))?;
         r.register(Box::new(self.rejections.clone()))?;
@@ -241,12 +256,151 @@ impl Metrics {
         self.rejections.with_label_values(&[reason.label()]).inc();
     }
 
+    /// Export the engine's own counters (batch, step, KV cache, prefix cache), read at each
+    /// scrape. Engines without counters export nothing.
+    pub fn watch_engine(&self, engine: Arc<dyn Engine>) {
+        if engine.stats().is_none() {
+            return;
+        }
+        if let Err(e) = self
+            .registry
+            .register(Box::new(EngineCollector::new(engine)))
+        {
+            tracing::warn!(error = %e, "engine metrics not registered");
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The engine's step counters, turned into metrics when scraped: the engine thread keeps plain
+/// atomics and never touches Prometheus.
+struct EngineCollector {
+    engine: Arc<dyn Engine>,
+    descs: Vec<Desc>,
+}
+
+/// (name, help, is a counter, value).
+type EngineMetric = (&'static str, &'static str, bool, fn(&EngineStats) -> f64);
+
+const ENGINE_METRICS: [EngineMetric; 11] = [
+    (
+        "memex_engine_steps_total",
+        "Engine steps (forward passes) run",
+        true,
+        |s| s.steps as f64,
+    ),
+    (
+        "memex_engine_step_sequences_total",
+        "Sequences summed over steps; divided by steps, the mean batch size",
+        true,
+        |s| s.step_sequences as f64,
+    ),
+    (
+        "memex_engine_step_tokens_total",
+        "Tokens (prefill chunks and decode tokens) summed over steps",
+        true,
+        |s| s.step_tokens as f64,
+    ),
+    (
+        "memex_engine_step_seconds_total",
+        "Time spent in steps; divided by steps, the mean step time",
+        true,
+        |s| s.step_seconds,
+    ),
+    (
+        "memex_engine_running_sequences",
+        "Sequences admitted and running",
+        false,
+        |s| s.running as f64,
+    ),
+    (
+        "memex_engine_waiting_sequences",
+        "Sequences waiting for KV blocks or a running slot",
+        false,
+        |s| s.waiting as f64,
+    ),
+    (
+        "memex_engine_kv_blocks_used",
+        "KV cache blocks in use",
+        false,
+        |s| s.kv_blocks_used as f64,
+    ),
+    (
+        "memex_engine_kv_blocks_total",
+        "KV cache blocks in the pool",
+        false,
+        |s| s.kv_blocks_total as f64,
+    ),
+    (
+        "memex_engine_prefix_cache_hits_total",
+        "Admissions that reused cached prompt-prefix blocks",
+        true,
+        |s| s.prefix_hits as f64,
+    ),
+    (
+        "memex_engine_prefix_cache_hit_tokens_total",
+        "Prompt tokens whose computation the prefix cache skipped",
+        true,
+        |s| s.prefix_hit_tokens as f64,
+    ),
+    (
+        "memex_engine_preemptions_total",
+        "Sequences preempted (recomputed later) because the KV pool ran dry",
+        true,
+        |s| s.preemptions as f64,
+    ),
+];
+
+impl EngineCollector {
+    fn new(engine: Arc<dyn Engine>) -> Self {
+        let descs = ENGINE_METRICS
+            .iter()
+            .map(|(name, help, _, _)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    vec![],
+                    Default::default(),
+                )
+                .expect("static metric names are valid")
+            })
+            .collect();
+        Self { engine, descs }
+    }
+}
+
+impl Collector for EngineCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(stats) = self.engine.stats() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (name, help, counter, value) in ENGINE_METRICS {
+            let v = value(&stats);
+            // Fresh metrics per scrape, set to the engine's own values.
+            let families = if counter {
+                let c = prometheus::Counter::new(name, help).expect("valid");
+                c.inc_by(v);
+                c.collect()
+            } else {
+                let g = prometheus::Gauge::new(name, help).expect("valid");
+                g.set(v);
+                g.collect()
+            };
+            out.extend(families);
+        }
+        out
     }
 }
 

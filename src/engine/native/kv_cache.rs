@@ -79,12 +79,14 @@ pub struct BlockManager {
     cached: HashMap<BlockHash, u32>,
     /// Registered blocks nobody holds, oldest release first: reused only when `free` is empty.
     evictable: VecDeque<u32>,
+    /// Off: no block is registered or matched (every prompt is computed in full).
+    prefix_cache: bool,
     pub prefix_hits: u64,
     pub prefix_hit_tokens: u64,
 }
 
 impl BlockManager {
-    pub fn new(blocks: usize) -> Self {
+    pub fn new(blocks: usize, prefix_cache: bool) -> Self {
         Self {
             total: blocks,
             free: (0..blocks as u32).rev().collect(),
@@ -92,6 +94,7 @@ impl BlockManager {
             hash_of: vec![None; blocks],
             cached: HashMap::new(),
             evictable: VecDeque::new(),
+            prefix_cache,
             prefix_hits: 0,
             prefix_hit_tokens: 0,
         }
@@ -121,6 +124,7 @@ impl BlockManager {
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
         let mut parent = None;
+        let limit = if self.prefix_cache { limit } else { 0 };
         for chunk in tokens[..limit.min(tokens.len())].chunks_exact(BLOCK_SIZE) {
             let h = block_hash(parent, chunk);
             let Some(&b) = self.cached.get(&h) else {
@@ -165,7 +169,7 @@ impl BlockManager {
 
     /// Record that block `b` is full with content hashed `h`, so later prompts can reuse it.
     pub fn register(&mut self, b: u32, h: BlockHash) {
-        if self.hash_of[b as usize].is_some() {
+        if !self.prefix_cache || self.hash_of[b as usize].is_some() {
             return;
         }
         // An equal block already cached keeps its place; this one simply is not findable.
@@ -213,7 +217,7 @@ mod tests {
 
     #[test]
     fn shared_prefix_is_found_and_held() {
-        let mut m = BlockManager::new(8);
+        let mut m = BlockManager::new(8, true);
         let prompt: Vec<u32> = (0..40).collect();
         let t1 = fill(&mut m, &prompt);
         assert_eq!(t1.len(), 3);
@@ -236,7 +240,7 @@ mod tests {
 
     #[test]
     fn exhausted_pool_reuses_cached_blocks_oldest_first_and_then_refuses() {
-        let mut m = BlockManager::new(2);
+        let mut m = BlockManager::new(2, true);
         let t = fill(&mut m, &(0..32).collect::<Vec<u32>>());
         assert!(m.allocate().is_none(), "both blocks are held");
         m.release(&t);
@@ -254,7 +258,7 @@ mod tests {
 
     #[test]
     fn match_respects_limit() {
-        let mut m = BlockManager::new(4);
+        let mut m = BlockManager::new(4, true);
         let p: Vec<u32> = (0..32).collect();
         let t = fill(&mut m, &p);
         // The whole prompt is cached, but one token must still be computed: only one block.
@@ -262,5 +266,22 @@ mod tests {
         assert_eq!(blocks.len(), 1);
         m.release(&blocks);
         m.release(&t);
+    }
+
+    #[test]
+    fn without_prefix_cache_nothing_is_shared() {
+        let mut m = BlockManager::new(8, false);
+        let toks: Vec<u32> = (0..40).collect();
+        let (shared, _) = m.match_prefix(&toks, 39);
+        assert!(shared.is_empty());
+        let a = m.allocate().unwrap();
+        m.register(a, block_hash(None, &toks[..BLOCK_SIZE]));
+        m.release(&[a]);
+        let (shared, _) = m.match_prefix(&toks, 39);
+        assert!(
+            shared.is_empty(),
+            "a registered block was found with the cache off"
+        );
+        assert_eq!(m.prefix_hits, 0);
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! - `scheduler`: who runs this step and how many tokens (decode first, chunked prefill after);
 //! - `model`: one flattened forward pass for the step (`weights`: Llama / Qwen2 / Qwen3;
-//!   `linear`: the matmul kernels, which read each weight once per step for all rows);
+//!   `linear`: the matmul kernels, which read each weight once per step for all rows;
+//!   `attention`: every row over its own cached keys and values, split across cores);
 //! - `kv_cache`: the KV block pool, block manager and prefix cache;
 //! - `stats`: step counters for metrics;
 //! - `sequence`: a generation in flight, with its llguidance matcher;
@@ -16,6 +17,7 @@
 //! parallel, tokens the grammar forces are appended without sampling (they ride along in the next
 //! step's forward pass), and a sequence finishes the moment the grammar is complete.
 
+pub mod attention;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
@@ -58,6 +60,8 @@ pub struct NativeOptions {
     pub kv_cache_bytes: usize,
     /// DRY repetition-penalty multiplier (0 = off), as for the reference engine.
     pub repetition_guard: f32,
+    /// Reuse the KV blocks of prompt prefixes already computed (the branch templates).
+    pub prefix_cache: bool,
     /// Counters the step loop updates, read by `/metrics`.
     pub stats: Arc<NativeStats>,
 }
@@ -69,6 +73,7 @@ impl Default for NativeOptions {
             step_tokens: 512,
             kv_cache_bytes: 2 << 30,
             repetition_guard: 0.8,
+            prefix_cache: true,
             stats: Arc::default(),
         }
     }
@@ -89,6 +94,7 @@ pub struct NativeEngine {
     factory: Arc<ParserFactory>,
     max_positions: usize,
     info: ModelInfo,
+    stats: Arc<NativeStats>,
 }
 
 impl NativeEngine {
@@ -125,6 +131,7 @@ impl NativeEngine {
         let dry = (opts.repetition_guard > 0.0)
             .then(|| Dry::new(opts.repetition_guard, &super::DRY_BREAKERS, &tokenizer));
         let (tx, rx) = mpsc::channel::<Submission>();
+        let stats = opts.stats.clone();
         let opts = opts.clone();
         std::thread::Builder::new()
             .name("memex-engine".into())
@@ -146,6 +153,7 @@ impl NativeEngine {
             factory,
             max_positions,
             info,
+            stats,
         })
     }
 }
@@ -212,6 +220,7 @@ impl Engine for NativeEngine {
             text,
             finish: finished.finish,
             prompt_tokens: finished.prompt_tokens,
+            cached_prompt_tokens: finished.cached_prompt_tokens,
             generated_tokens: finished.generated.len(),
             time_to_first_token: finished.time_to_first_token,
             total_time: finished.total_time,
@@ -233,6 +242,10 @@ impl Engine for NativeEngine {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
+
+    fn stats(&self) -> Option<super::EngineStats> {
+        Some(self.stats.snapshot())
+    }
 }
 
 fn engine_loop(
@@ -248,7 +261,7 @@ fn engine_loop(
     let mut sched = Scheduler::new(
         opts.max_running,
         opts.step_tokens,
-        BlockManager::new(blocks),
+        BlockManager::new(blocks, opts.prefix_cache),
     );
     let stats = opts.stats.clone();
     stats.kv_blocks_total.store(blocks as u64, Relaxed);

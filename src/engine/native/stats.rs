@@ -24,6 +24,22 @@ pub struct NativeStats {
 }
 
 impl NativeStats {
+    pub fn snapshot(&self) -> crate::engine::EngineStats {
+        crate::engine::EngineStats {
+            steps: self.steps.load(Relaxed),
+            step_sequences: self.step_sequences.load(Relaxed),
+            step_tokens: self.step_tokens.load(Relaxed),
+            step_seconds: self.step_micros.load(Relaxed) as f64 / 1e6,
+            running: self.running.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+            kv_blocks_used: self.kv_blocks_used.load(Relaxed),
+            kv_blocks_total: self.kv_blocks_total.load(Relaxed),
+            prefix_hits: self.prefix_hits.load(Relaxed),
+            prefix_hit_tokens: self.prefix_hit_tokens.load(Relaxed),
+            preemptions: self.preemptions.load(Relaxed),
+        }
+    }
+
     pub(super) fn record_queue(&self, s: &Scheduler) {
         self.running.store(s.running.len() as u64, Relaxed);
         self.waiting.store(s.waiting.len() as u64, Relaxed);
