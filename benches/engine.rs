@@ -4,7 +4,7 @@
 //!     cargo bench --bench engine                 # tiny Qwen3 and SmolLM2 (when fetched)
 //!     cargo bench --bench engine -- tiny         # only models whose name contains "tiny"
 //!
-//! Environment: `MEMEX_BENCH_ENGINE` (default `mistral`; see [`build_engine`]),
+//! Environment: `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`; see [`build_engine`]),
 //! `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS` (rounds per level, median kept;
 //! default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
 //! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_OUT` (also write

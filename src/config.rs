@@ -57,9 +57,9 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 
-    /// Which engine runs the model: the dedicated continuous-batching engine, or mistralrs (the
-    /// reference backend).
-    #[arg(long, env = "MEMEX_ENGINE", value_enum, default_value_t = EngineKind::Native)]
+    /// Which engine runs the model: the dedicated continuous-batching engine (CPU), or mistralrs
+    /// (the reference backend). Default: native, or mistralrs in a `cuda` build.
+    #[arg(long, env = "MEMEX_ENGINE", value_enum, default_value_t = EngineKind::DEFAULT)]
     pub engine: EngineKind,
 
     /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).

@@ -33,6 +33,16 @@ pub enum EngineKind {
     Mistralrs,
 }
 
+impl EngineKind {
+    /// The default for this build. The native engine runs on the CPU only, so a `cuda` build
+    /// defaults to the backend that uses the GPU.
+    pub const DEFAULT: Self = if cfg!(feature = "cuda") {
+        Self::Mistralrs
+    } else {
+        Self::Native
+    };
+}
+
 impl std::fmt::Display for EngineKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -248,7 +248,7 @@ impl Group {
 /// aligned).
 fn cast_blocks<B: Block>(bytes: &[u8]) -> anyhow::Result<Vec<B>> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         bail!("{} bytes are not whole {size}-byte blocks", bytes.len());
     }
     let count = bytes.len() / size;
@@ -602,7 +602,7 @@ struct GgmlWeight<T: GgmlType> {
 }
 
 fn ggml<T: GgmlType + 'static>(bytes: &[u8], n: usize, k: usize) -> anyhow::Result<Weight> {
-    if k % T::BLCK_SIZE != 0 {
+    if !k.is_multiple_of(T::BLCK_SIZE) {
         bail!("{k} inputs are not whole blocks of {}", T::BLCK_SIZE);
     }
     let size = std::mem::size_of::<T>();

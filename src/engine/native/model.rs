@@ -278,8 +278,8 @@ mod batch_tests {
 
     fn ragged_batch(m: &Model, check: impl Fn(&[f32], &[f32])) {
         let seqs = [tokens(1, 20), tokens(2, 7), tokens(3, 33)];
-        let expected: Vec<Vec<f32>> = seqs.iter().map(|s| alone(&m, s)).collect();
-        let mut p = pool(&m);
+        let expected: Vec<Vec<f32>> = seqs.iter().map(|s| alone(m, s)).collect();
+        let mut p = pool(m);
         let tables = [table(0, 20), table(10, 7), table(20, 33)];
         let runs: Vec<Run> = seqs
             .iter()
