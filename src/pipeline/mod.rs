@@ -236,21 +236,8 @@ impl Extractor {
         branch::choose(Requested::from_types(extraction_types), &dialogue)
             .into_iter()
             .map(|branch| {
-                let schema = schema::schema_for(branch, limits);
-                let messages = prompts
-                    .render(branch, &language, &dialogue, limits.max_items)
-                    .map_err(|e| PipelineError::Branch {
-                        branch,
-                        reason: format!("prompt template: {e}"),
-                    })?;
-                Ok((
-                    branch,
-                    GenerateRequest {
-                        messages,
-                        max_tokens: schema::worst_case_tokens(&schema),
-                        schema,
-                    },
-                ))
+                let request = branch_request(&prompts, branch, &language, &dialogue, limits)?;
+                Ok((branch, request))
             })
             .collect()
     }
@@ -262,29 +249,25 @@ impl Extractor {
         dialogue: &clean::Dialogue,
     ) -> Result<(BranchOutput, BranchStats), PipelineError> {
         let fail = |reason: String| PipelineError::Branch { branch, reason };
-        let schema = schema::schema_for(branch, &self.config.limits);
-        let max_tokens = schema::worst_case_tokens(&schema);
-        let mut messages = self
-            .prompts
-            .render(branch, language, dialogue, self.config.limits.max_items)
-            .map_err(|e| fail(format!("prompt template: {e}")))?;
+        let mut request = branch_request(
+            &self.prompts,
+            branch,
+            language,
+            dialogue,
+            &self.config.limits,
+        )?;
 
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let request = GenerateRequest {
-                messages: messages.clone(),
-                schema: schema.clone(),
-                max_tokens,
-            };
-            match self.attempt(branch, request).await {
+            match self.attempt(branch, request.clone()).await {
                 Ok((out, mut stats)) => {
                     stats.attempts = attempts;
                     return Ok((out, stats));
                 }
                 Err(reason) if attempts == 1 => {
                     tracing::warn!(%branch, %reason, "branch failed, retrying once");
-                    nudge(&mut messages);
+                    nudge(&mut request.messages);
                 }
                 Err(reason) => return Err(fail(reason)),
             }
@@ -321,6 +304,28 @@ impl Extractor {
             },
         ))
     }
+}
+
+/// One branch's engine request: its prompt, its bounded schema and the schema's token bound.
+fn branch_request(
+    prompts: &Prompts,
+    branch: Branch,
+    language: &DetectedLanguage,
+    dialogue: &clean::Dialogue,
+    limits: &OutputLimits,
+) -> Result<GenerateRequest, PipelineError> {
+    let schema = schema::schema_for(branch, limits);
+    let messages = prompts
+        .render(branch, language, dialogue, limits.max_items)
+        .map_err(|e| PipelineError::Branch {
+            branch,
+            reason: format!("prompt template: {e}"),
+        })?;
+    Ok(GenerateRequest {
+        messages,
+        max_tokens: schema::worst_case_tokens(&schema),
+        schema,
+    })
 }
 
 fn nudge(messages: &mut [PromptMessage]) {

@@ -97,42 +97,32 @@ impl Linear {
         } else {
             None
         };
-        fn concat<T: Clone>(parts: &[&Vec<T>]) -> Vec<T> {
-            parts.iter().flat_map(|p| p.iter().cloned()).collect()
+        // Every part's blocks of the same type, concatenated; `None` when a part differs.
+        fn concat<T: Clone>(
+            parts: &[Linear],
+            pick: fn(&Weight) -> Option<&Vec<T>>,
+        ) -> Option<Vec<T>> {
+            let mut all = Vec::new();
+            for p in parts {
+                all.extend_from_slice(pick(&p.weight)?);
+            }
+            Some(all)
         }
         let weight = match &parts[0].weight {
-            Weight::Q4_0(_) => {
-                let all: Option<Vec<_>> = parts
-                    .iter()
-                    .map(|p| match &p.weight {
-                        Weight::Q4_0(w) => Some(w),
-                        _ => None,
-                    })
-                    .collect();
-                Weight::Q4_0(concat(&all?))
-            }
-            Weight::Q4_1(_) => {
-                let all: Option<Vec<_>> = parts
-                    .iter()
-                    .map(|p| match &p.weight {
-                        Weight::Q4_1(w) => Some(w),
-                        _ => None,
-                    })
-                    .collect();
-                Weight::Q4_1(concat(&all?))
-            }
-            Weight::Q8_0(_) => {
-                let all: Option<Vec<_>> = parts
-                    .iter()
-                    .map(|p| match &p.weight {
-                        Weight::Q8_0(w) => Some(w),
-                        _ => None,
-                    })
-                    .collect();
-                Weight::Q8_0(concat(&all?))
-            }
+            Weight::Q4_0(_) => Weight::Q4_0(concat(parts, |w| match w {
+                Weight::Q4_0(b) => Some(b),
+                _ => None,
+            })?),
+            Weight::Q4_1(_) => Weight::Q4_1(concat(parts, |w| match w {
+                Weight::Q4_1(b) => Some(b),
+                _ => None,
+            })?),
+            Weight::Q8_0(_) => Weight::Q8_0(concat(parts, |w| match w {
+                Weight::Q8_0(b) => Some(b),
+                _ => None,
+            })?),
             Weight::Dense(_) => {
-                let all: Option<Vec<_>> = parts
+                let all: Option<Vec<Tensor>> = parts
                     .iter()
                     .map(|p| match &p.weight {
                         Weight::Dense(w) => Some(w.clone()),
