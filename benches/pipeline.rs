@@ -5,9 +5,10 @@
 //!     cargo bench --bench pipeline                   # add `-- total` for the totals only
 //!
 //! Stages, each through the crate's public API, in request order:
-//! `parse_body` (the JSON body into wire types), `clean`, `count_tokens` (the input limit: the
-//! served model's tokenizer on all contents joined, as `MistralEngine::count_tokens` does for a
-//! model with tokenizer.json), `detect_language`, `render_prompts` (every branch the request runs),
+//! `parse_body` (the JSON body into wire types), `clean`, `count_tokens` (the input limit: all contents
+//! joined, counted by the native engine's `FastBpe` as the server does; `count_tokens_cold` the
+//! same with its word cache emptied first, `count_tokens_hf` the `tokenizers` crate for
+//! comparison), `detect_language`, `render_prompts` (every branch the request runs),
 //! `build_schemas` (schema and worst-case token bound per branch), `parse_output` (a maximal model
 //! output per branch, mapped and serialized as the response envelope), and `total` (all of them
 //! in sequence, one request). Target: `total` under 2 ms at 8,000 tokens.
@@ -25,6 +26,7 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use memex::api::types::{Envelope, ExtractData, ExtractRequest, WireMessage};
+use memex::engine::native::bpe::{self, FastBpe};
 use memex::pipeline::branch::{self, Branch, Requested};
 use memex::pipeline::clean::{self, Dialogue};
 use memex::pipeline::language::{self, DetectedLanguage};
@@ -206,11 +208,11 @@ fn parse_and_respond(outputs: &[(Branch, String)]) -> Vec<u8> {
 }
 
 /// One request's CPU work outside the model, in order.
-fn total(tok: &Tokenizer, prompts: &Prompts, limits: &OutputLimits, case: &Case) -> usize {
+fn total(tok: &FastBpe, prompts: &Prompts, limits: &OutputLimits, case: &Case) -> usize {
     let req = ExtractRequest::from_json(&case.body).unwrap();
     let dialogue = clean::clean(req.messages).unwrap();
     let requested = Requested::from_types(req.extraction_types.as_deref());
-    let tokens = count(tok, &dialogue.joined_content());
+    let tokens = tok.count(&dialogue.joined_content());
     assert!(tokens <= 8_000 + 16);
     let language = language::detect(&dialogue);
     let mut work = 0;
@@ -231,6 +233,7 @@ fn bench(c: &mut Criterion) {
     language::warm_up();
     let limits = OutputLimits::default();
     let cases = cases(&tok);
+    let fast = FastBpe::from_tokenizer(&tok).expect("the Qwen3 tokenizer has a fast encoder");
 
     for case in &cases {
         let mut g = c.benchmark_group(format!("pipeline/{}", case.name));
@@ -246,6 +249,15 @@ fn bench(c: &mut Criterion) {
             )
         });
         g.bench_function("count_tokens", |b| {
+            b.iter(|| fast.count(&black_box(&case.dialogue).joined_content()))
+        });
+        g.bench_function("count_tokens_cold", |b| {
+            b.iter(|| {
+                bpe::clear_thread_cache();
+                fast.count(&black_box(&case.dialogue).joined_content())
+            })
+        });
+        g.bench_function("count_tokens_hf", |b| {
             b.iter(|| count(&tok, &black_box(&case.dialogue).joined_content()))
         });
         g.bench_function("detect_language", |b| {
@@ -274,7 +286,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| parse_and_respond(black_box(&case.outputs)))
         });
         g.bench_function("total", |b| {
-            b.iter(|| total(&tok, &prompts, &limits, black_box(case)))
+            b.iter(|| total(&fast, &prompts, &limits, black_box(case)))
         });
         g.finish();
     }

@@ -8,7 +8,8 @@
 //! Detection reads the user and assistant turns only (a system message is often an English
 //! instruction in front of a Chinese dialogue), and at most [`SAMPLE_CHARS`] characters of them:
 //! the language of a dialogue is clear long before 8,000 tokens, and detection time grows with
-//! the text.
+//! the text (about 0.5 µs a character on this CPU: 2,000 characters cost 1 ms, half the per-request
+//! CPU budget outside the model; 600 characters are several sentences, plenty for lingua).
 
 use std::sync::OnceLock;
 
@@ -17,7 +18,7 @@ use lingua::{Language as L, LanguageDetector, LanguageDetectorBuilder};
 use crate::api::types::Role;
 use crate::pipeline::clean::Dialogue;
 
-pub const SAMPLE_CHARS: usize = 2_000;
+pub const SAMPLE_CHARS: usize = 600;
 
 const DETECTED: [L; 8] = [
     L::English,

@@ -11,13 +11,15 @@
 //! - `kv_cache`: the KV block pool, block manager and prefix cache;
 //! - `stats`: step counters for metrics;
 //! - `sequence`: a generation in flight, with its llguidance matcher;
-//! - `tokenizer`: the tokenizer and chat template (rebuilt from GGUF metadata when needed).
+//! - `tokenizer`: the tokenizer and chat template (rebuilt from GGUF metadata when needed);
+//! - `bpe`: our byte-level BPE encoder, the same ids as `tokenizers` several times faster.
 //!
 //! Sampling is greedy under the branch's JSON schema; the masks of a step are computed in
 //! parallel, tokens the grammar forces are appended without sampling (they ride along in the next
 //! step's forward pass), and a sequence finishes the moment the grammar is complete.
 
 pub mod attention;
+pub mod bpe;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
@@ -48,7 +50,7 @@ use scheduler::Scheduler;
 use sequence::{Finished, Sequence};
 use stats::NativeStats;
 use std::sync::atomic::Ordering::Relaxed;
-use tokenizer::ChatTemplate;
+use tokenizer::{ChatTemplate, Encoder};
 
 #[derive(Debug, Clone)]
 pub struct NativeOptions {
@@ -90,6 +92,7 @@ struct Submission {
 pub struct NativeEngine {
     tx: mpsc::Sender<Submission>,
     tokenizer: Arc<tokenizers::Tokenizer>,
+    encoder: Encoder,
     chat: Arc<ChatTemplate>,
     factory: Arc<ParserFactory>,
     max_positions: usize,
@@ -128,6 +131,8 @@ impl NativeEngine {
         let pool_positions = pool_blocks(model.config(), opts.kv_cache_bytes) * BLOCK_SIZE;
         let max_positions = model.max_positions().min(pool_positions);
 
+        let tokenizer = Arc::new(tokenizer);
+        let encoder = Encoder::new(tokenizer.clone());
         let dry = (opts.repetition_guard > 0.0)
             .then(|| Dry::new(opts.repetition_guard, &super::DRY_BREAKERS, &tokenizer));
         let (tx, rx) = mpsc::channel::<Submission>();
@@ -148,7 +153,8 @@ impl NativeEngine {
         );
         Ok(Self {
             tx,
-            tokenizer: Arc::new(tokenizer),
+            encoder,
+            tokenizer,
             chat: Arc::new(chat),
             factory,
             max_positions,
@@ -162,7 +168,7 @@ impl NativeEngine {
 impl Engine for NativeEngine {
     async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
         let submitted = Instant::now();
-        let tokenizer = self.tokenizer.clone();
+        let encoder = self.encoder.clone();
         let chat = self.chat.clone();
         let factory = self.factory.clone();
         // Template rendering, tokenising and grammar compilation are CPU work: off the async
@@ -172,11 +178,7 @@ impl Engine for NativeEngine {
             let text = chat
                 .render(&request.messages)
                 .map_err(|e| EngineError::Rejected(format!("chat template: {e}")))?;
-            let prompt = tokenizer
-                .encode_fast(text, false)
-                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
-                .get_ids()
-                .to_vec();
+            let prompt = encoder.encode(&text).map_err(EngineError::Tokenizer)?;
             let grammar = TopLevelGrammar::from_json_schema(request.schema);
             let parser = factory
                 .create_parser(grammar)
@@ -228,15 +230,10 @@ impl Engine for NativeEngine {
     }
 
     async fn count_tokens(&self, text: String) -> Result<usize, EngineError> {
-        let tokenizer = self.tokenizer.clone();
-        tokio::task::spawn_blocking(move || {
-            tokenizer
-                .encode_fast(text, false)
-                .map(|e| e.get_ids().len())
-                .map_err(|e| EngineError::Tokenizer(e.to_string()))
-        })
-        .await
-        .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+        let encoder = self.encoder.clone();
+        tokio::task::spawn_blocking(move || encoder.count(&text).map_err(EngineError::Tokenizer))
+            .await
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
     }
 
     fn info(&self) -> &ModelInfo {
