@@ -31,7 +31,9 @@ const GPT2_PATTERN: &str =
 /// Words longer than this skip the cache (long CJK runs, base64): they are rare and would
 /// crowd out the short words that repeat.
 const CACHE_WORD_BYTES: usize = 48;
-const CACHE_ENTRIES: usize = 1 << 16;
+/// The cache is per thread (no lock on the hot path), so its bound is per thread: about 1 MiB
+/// at 8,192 words. Frequent words fill it first; it is emptied when full.
+const CACHE_ENTRIES: usize = 1 << 13;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Splitter {
@@ -186,32 +188,21 @@ impl Scanner<'_> {
     /// `'s|'t|'re|'ve|'m|'ll|'d` after an apostrophe at `i`, case-insensitive when asked
     /// (Unicode simple case folding: `s` also matches `ſ`).
     fn contraction(&self, i: usize, insensitive: bool) -> Option<usize> {
-        let rest = &self.s[i + 1..];
-        let mut chars = rest.chars();
-        let fold = |c: char| -> char {
-            if !insensitive {
-                c
-            } else if c == 'ſ' {
-                's'
-            } else {
-                c.to_ascii_lowercase()
-            }
+        let fold = |c: char| match c {
+            _ if !insensitive => c,
+            'ſ' => 's',
+            _ => c.to_ascii_lowercase(),
         };
-        let first = chars.next().map(fold)?;
-        let len = |c: char| c.len_utf8();
-        let c0 = rest.chars().next()?;
-        match first {
-            's' | 't' | 'm' | 'd' => Some(i + 1 + len(c0)),
-            'r' | 'v' | 'l' => {
-                let want = match first {
-                    'r' | 'v' => 'e',
-                    _ => 'l',
-                };
-                let c1 = chars.next()?;
-                (fold(c1) == want).then(|| i + 1 + len(c0) + len(c1))
-            }
-            _ => None,
-        }
+        let mut chars = self.s[i + 1..].chars();
+        let c0 = chars.next()?;
+        let second = match fold(c0) {
+            's' | 't' | 'm' | 'd' => return Some(i + 1 + c0.len_utf8()),
+            'r' | 'v' => 'e',
+            'l' => 'l',
+            _ => return None,
+        };
+        let c1 = chars.next()?;
+        (fold(c1) == second).then(|| i + 1 + c0.len_utf8() + c1.len_utf8())
     }
 
     /// `\s+(?!\S)|\s+` from `i` (a white-space character): the run, less its last character
