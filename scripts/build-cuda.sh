@@ -57,7 +57,8 @@ if build 2>&1 | tee "$log"; then
     echo "built $CARGO_TARGET_DIR/release/memex"
     exit 0
 fi
-if ! grep -q "cannot find -lcuda\|undefined reference to .cu" "$log"; then
+# GNU ld and rust-lld word it differently.
+if ! grep -q "cannot find -lcuda\|unable to find library -lcuda\|undefined reference to .cu\|undefined symbol: cu" "$log"; then
     echo "build-cuda.sh: the build failed before the link; see above" >&2
     exit 1
 fi
@@ -71,6 +72,7 @@ stub_src="$toolkit/cuda_stub.c"
         sed 's/.*/int &(void) { return 999; }/'
 } > "$stub_src"
 grep -c "return 999" "$stub_src" | sed 's/^/driver symbols stubbed: /'
-cc -shared -fPIC -o "$links/libcuda.so" "$stub_src"
+# The soname the driver installs everywhere (a bare libcuda.so link is not always there).
+cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$stub_src"
 build
 echo "built $CARGO_TARGET_DIR/release/memex"
