@@ -48,7 +48,12 @@ async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
         kind,
         source,
         &MistralOptions::default(),
-        &NativeOptions::default(),
+        // Every round repeats its prompt: with the prefix cache on, rounds after the first would
+        // measure cache hits, not prefill (the HTTP benchmark measures the cache's effect).
+        &NativeOptions {
+            prefix_cache: false,
+            ..NativeOptions::default()
+        },
     )
     .await
 }
@@ -229,7 +234,7 @@ async fn bench_model(name: &str, source: ModelSource, levels: &[usize], rounds: 
         }
         let row = Row {
             model: name.to_string(),
-            engine: std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "mistral".into()),
+            engine: std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "native".into()),
             concurrency: n,
             prompt_tokens_per_request: p_tokens,
             prefill_tokens_per_s: median(pre),

@@ -44,7 +44,9 @@ enum Splitter {
 pub struct FastBpe {
     splitter: Splitter,
     nfc: bool,
-    /// Id of the single-byte token of each byte.
+    /// Id of the single-byte token of each byte; [`NO_TOKEN`] where the vocabulary has none
+    /// (SmolLM2's GGUF lacks a few control bytes): such bytes are dropped, as `tokenizers` does
+    /// for a character without a token when there is no unknown token.
     byte_ids: [u32; 256],
     /// (left id << 32 | right id) -> (rank, merged id).
     merges: FxHashMap<u64, (u32, u32)>,
@@ -318,6 +320,8 @@ fn byte_chars() -> [char; 256] {
     out
 }
 
+const NO_TOKEN: u32 = u32::MAX;
+
 fn key(left: u32, right: u32) -> u64 {
     (left as u64) << 32 | right as u64
 }
@@ -373,11 +377,14 @@ impl FastBpe {
             .map(|(k, v)| Ok((k.as_str(), v.as_u64().ok_or("vocab id")? as u32)))
             .collect::<Result<_, String>>()?;
         let chars = byte_chars();
-        let mut byte_ids = [0u32; 256];
+        if !model["unk_token"].is_null() {
+            return Err(unsupported("model.unk_token", &model["unk_token"]));
+        }
+        let mut byte_ids = [NO_TOKEN; 256];
         for (b, c) in chars.iter().enumerate() {
-            byte_ids[b] = *vocab
-                .get(c.to_string().as_str())
-                .ok_or_else(|| format!("byte {b:#04x} has no token"))?;
+            if let Some(&id) = vocab.get(c.to_string().as_str()) {
+                byte_ids[b] = id;
+            }
         }
         let mut merges = FxHashMap::default();
         for (rank, m) in model["merges"]
@@ -526,7 +533,10 @@ impl FastBpe {
 
     fn word(&self, word: &[u8], cache: &mut WordCache, out: &mut Vec<u32>) {
         if let [b] = word {
-            out.push(self.byte_ids[*b as usize]);
+            let id = self.byte_ids[*b as usize];
+            if id != NO_TOKEN {
+                out.push(id);
+            }
             return;
         }
         if word.len() <= CACHE_WORD_BYTES {
@@ -545,9 +555,17 @@ impl FastBpe {
     /// Apply merges best rank first (leftmost among equals) until none applies: symbols in a
     /// linked list, candidate pairs in a heap, stale candidates skipped when popped.
     fn merge(&self, word: &[u8], out: &mut Vec<u32>) {
-        const NONE: u32 = u32::MAX;
-        let n = word.len();
-        let mut ids: Vec<u32> = word.iter().map(|&b| self.byte_ids[b as usize]).collect();
+        const NONE: u32 = NO_TOKEN;
+        let mut ids: Vec<u32> = word
+            .iter()
+            .map(|&b| self.byte_ids[b as usize])
+            .filter(|&id| id != NO_TOKEN)
+            .collect();
+        let n = ids.len();
+        if n < 2 {
+            out.extend_from_slice(&ids);
+            return;
+        }
         let mut next: Vec<u32> = (1..=n as u32)
             .map(|j| if j as usize == n { NONE } else { j })
             .collect();
@@ -768,6 +786,45 @@ mod tests {
             assert_eq!(encoder.encode(text).unwrap(), want);
             assert_eq!(encoder.count(text).unwrap(), want.len());
         }
+    }
+
+    #[test]
+    fn bytes_without_a_token_are_dropped_like_tokenizers() {
+        // A vocabulary without the control bytes 0x00-0x08 (as SmolLM2's GGUF), and merges that
+        // then apply across a dropped byte.
+        let chars = byte_chars();
+        let mut vocab = serde_json::Map::new();
+        for (b, c) in chars.iter().enumerate().skip(9) {
+            vocab.insert(c.to_string(), Value::from(vocab.len()));
+        }
+        let merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("a", "b")];
+        for (a, b) in merges {
+            vocab.insert(format!("{a}{b}"), Value::from(vocab.len()));
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab,
+                      "merges": merges.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>()}
+        });
+        let hf: tokenizers::Tokenizer = serde_json::from_value(json).unwrap();
+        let fast = FastBpe::from_tokenizer(&hf).unwrap();
+        let texts: Vec<String> = [
+            "hello world",
+            "he\u{4}llo a\u{1}b \u{0}",
+            "\u{3}",
+            "\u{2}\u{5}\u{6}",
+            "h\u{8}e\u{7}l\u{4}l",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(fuzz(500, 7).into_iter().map(|s| s.replace('a', "\u{4}")))
+        .collect();
+        assert_same(&hf, &fast, &texts);
     }
 
     #[test]
