@@ -812,7 +812,7 @@ mod tests {
         // then apply across a dropped byte.
         let chars = byte_chars();
         let mut vocab = serde_json::Map::new();
-        for (b, c) in chars.iter().enumerate().skip(9) {
+        for c in chars.iter().skip(9) {
             vocab.insert(c.to_string(), Value::from(vocab.len()));
         }
         let merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("a", "b")];
