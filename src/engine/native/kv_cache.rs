@@ -135,11 +135,34 @@ impl BlockManager {
             hashes.push(h);
             parent = Some(h);
         }
-        if !blocks.is_empty() {
-            self.prefix_hits += 1;
-            self.prefix_hit_tokens += (blocks.len() * BLOCK_SIZE) as u64;
-        }
         (blocks, hashes)
+    }
+
+    /// How many leading full blocks of `tokens` [`Self::match_prefix`] would find, holding none.
+    pub fn peek_prefix(&self, tokens: &[u32], limit: usize) -> usize {
+        let limit = if self.prefix_cache { limit } else { 0 };
+        let mut parent = None;
+        tokens[..limit.min(tokens.len())]
+            .chunks_exact(BLOCK_SIZE)
+            .take_while(|chunk| {
+                let h = block_hash(parent, chunk);
+                parent = Some(h);
+                self.cached.contains_key(&h)
+            })
+            .count()
+    }
+
+    /// Count an admitted prompt's reused blocks (counted at admission only, so a prompt that
+    /// waits several steps is not counted once per step).
+    pub fn record_hit(&mut self, blocks: usize) {
+        if blocks > 0 {
+            self.prefix_hits += 1;
+            self.prefix_hit_tokens += (blocks * BLOCK_SIZE) as u64;
+        }
+    }
+
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix_cache
     }
 
     fn hold(&mut self, b: u32) {

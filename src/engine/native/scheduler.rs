@@ -7,6 +7,9 @@
 //!
 //! Admission is first-come, first-served and only when the KV blocks for the whole prompt are
 //! available (after reusing any cached prefix), so a prefill never stalls half-way for memory.
+//! One exception: a prompt whose first blocks a running prompt is still computing (the other
+//! branches of the same request, once the dialogue comes first in every branch's prompt) steps
+//! aside until they are registered, then reuses them instead of computing them again.
 //! When a decoding sequence needs a block and none is left, the most recently admitted sequence
 //! is preempted: its blocks go back and it waits at the head of the queue to be recomputed (its
 //! full blocks usually are still cached, so recomputing is cheap). Preempting the newest, never
@@ -115,32 +118,59 @@ impl Scheduler {
         total
     }
 
+    /// Full blocks at the start of `s`'s prompt that a running prompt is still computing: the
+    /// branches of one request (and concurrent requests on one template) share their first
+    /// blocks, and a sequence admitted now would compute them a second time in the same steps.
+    /// Waiting until they are registered costs it nothing: the one computing them gets the
+    /// step budget to itself meanwhile.
+    fn in_flight_prefix(&self, s: &Sequence, cached_blocks: usize) -> bool {
+        if !self.blocks.prefix_cache() {
+            return false;
+        }
+        let prompt = &s.tokens[..s.prompt_len.saturating_sub(1)];
+        self.running.iter().any(|r| {
+            let theirs = &r.tokens[..r.prompt_len];
+            let common = prompt
+                .iter()
+                .zip(theirs)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let shared_blocks = common / BLOCK_SIZE;
+            shared_blocks > cached_blocks && r.hashes.len() < shared_blocks
+        })
+    }
+
     fn admit(&mut self) {
         let watermark = (self.blocks.total() as f64 * WATERMARK_FRACTION).ceil() as usize;
-        while self.running.len() < self.max_running {
-            let Some(s) = self.waiting.front_mut() else {
-                break;
-            };
+        let mut i = 0;
+        while self.running.len() < self.max_running && i < self.waiting.len() {
+            let s = &self.waiting[i];
             // Reuse the cached prefix; at least one token is left to compute for the logits.
             let limit = s.tokens.len() - 1;
-            let (shared, hashes) = self.blocks.match_prefix(&s.tokens, limit);
-            let needed = BlockManager::blocks_for(s.tokens.len()) - shared.len();
+            if self.in_flight_prefix(s, self.blocks.peek_prefix(&s.tokens, limit)) {
+                // Steps aside for this step only; whoever is behind it keeps FCFS order.
+                i += 1;
+                continue;
+            }
+            let len = s.tokens.len();
+            let (shared, hashes) = self.blocks.match_prefix(&self.waiting[i].tokens, limit);
+            let needed = BlockManager::blocks_for(len) - shared.len();
             // FCFS: when the head does not fit, nobody behind it jumps the queue.
             if self.blocks.available() < needed + watermark && !self.running.is_empty() {
                 self.blocks.release(&shared);
                 break;
             }
             let mut table = shared;
-            while table.len() < BlockManager::blocks_for(s.tokens.len()) {
+            while table.len() < BlockManager::blocks_for(len) {
                 match self.blocks.allocate() {
                     Some(b) => table.push(b),
                     None => break,
                 }
             }
-            if table.len() < BlockManager::blocks_for(s.tokens.len()) {
+            if table.len() < BlockManager::blocks_for(len) {
                 // Only reachable with nothing running: the prompt is larger than the pool.
                 self.blocks.release(&table);
-                let mut s = self.waiting.pop_front().expect("front exists");
+                let mut s = self.waiting.remove(i).expect("index is in range");
                 s.respond(Err(crate::engine::EngineError::Rejected(format!(
                     "the prompt needs {} KV blocks of {BLOCK_SIZE} positions and the pool has {}",
                     BlockManager::blocks_for(s.tokens.len()),
@@ -148,7 +178,8 @@ impl Scheduler {
                 ))));
                 continue;
             }
-            let mut s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.remove(i).expect("index is in range");
+            self.blocks.record_hit(hashes.len());
             s.computed = hashes.len() * BLOCK_SIZE;
             if s.cached_prompt_tokens == 0 {
                 s.cached_prompt_tokens = s.computed.min(s.prompt_len);
@@ -198,4 +229,78 @@ enum Growth {
     Grown,
     Preempted,
     Failed,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use llguidance::Matcher;
+
+    use super::*;
+
+    fn seq(tokens: Vec<u32>) -> Sequence {
+        Sequence {
+            prompt_len: tokens.len(),
+            tokens,
+            max_tokens: 4,
+            table: Vec::new(),
+            computed: 0,
+            hashes: Vec::new(),
+            matcher: Matcher::new(Err(anyhow::anyhow!("no grammar in scheduler tests"))),
+            reply: None,
+            submitted: Instant::now(),
+            first_token: None,
+            scheduled: 0,
+            finish: None,
+            cached_prompt_tokens: 0,
+        }
+    }
+
+    /// What the engine loop does after a forward pass: every scheduled token is computed.
+    fn run_step(s: &mut Scheduler) {
+        for r in s.running.iter_mut() {
+            let n = r.scheduled;
+            r.commit(n, &mut s.blocks);
+        }
+    }
+
+    fn prompts() -> [Vec<u32>; 3] {
+        let shared: Vec<u32> = (0..4 * BLOCK_SIZE as u32).collect();
+        let with = |tail: std::ops::Range<u32>| shared.iter().copied().chain(tail).collect();
+        [with(1000..1010), with(2000..2020), (3000..3040).collect()]
+    }
+
+    #[test]
+    fn a_prompt_waits_for_the_shared_blocks_a_running_prompt_is_computing() {
+        let mut s = Scheduler::new(8, 512, BlockManager::new(64, true));
+        for p in prompts() {
+            s.add(seq(p));
+        }
+        s.plan();
+        // The second shares four blocks with the first, which has not computed them yet: it
+        // steps aside; the third shares nothing and is admitted behind it.
+        assert_eq!(s.running.len(), 2);
+        assert_eq!(s.waiting.len(), 1);
+        assert_eq!(s.waiting[0].tokens[4 * BLOCK_SIZE], 2000);
+        run_step(&mut s);
+        s.plan();
+        assert!(s.waiting.is_empty());
+        let second = s.running.last().unwrap();
+        assert_eq!(second.tokens[4 * BLOCK_SIZE], 2000);
+        assert_eq!(second.cached_prompt_tokens, 4 * BLOCK_SIZE);
+        assert_eq!(second.scheduled, 20, "only its own tail is computed");
+        assert_eq!(s.blocks.prefix_hits, 1);
+    }
+
+    #[test]
+    fn without_the_prefix_cache_nobody_waits() {
+        let mut s = Scheduler::new(8, 512, BlockManager::new(64, false));
+        for p in prompts() {
+            s.add(seq(p));
+        }
+        s.plan();
+        assert_eq!(s.running.len(), 3);
+        assert!(s.running.iter().all(|r| r.cached_prompt_tokens == 0));
+    }
 }
