@@ -118,26 +118,32 @@ impl Scheduler {
         total
     }
 
-    /// Full blocks at the start of `s`'s prompt that a running prompt is still computing: the
-    /// branches of one request (and concurrent requests on one template) share their first
-    /// blocks, and a sequence admitted now would compute them a second time in the same steps.
-    /// Waiting until they are registered costs it nothing: the one computing them gets the
-    /// step budget to itself meanwhile.
-    fn in_flight_prefix(&self, s: &Sequence, cached_blocks: usize) -> bool {
+    /// Whether full blocks at the start of `s`'s prompt are still being computed by a running
+    /// prompt: the branches of one request (and concurrent requests on one template) share their
+    /// first blocks, and a sequence admitted now would compute them a second time in the same
+    /// steps. Waiting until they are registered costs it nothing: the one computing them gets
+    /// the step budget to itself meanwhile.
+    fn in_flight_prefix(&self, s: &Sequence, limit: usize) -> bool {
         if !self.blocks.prefix_cache() {
             return false;
         }
         let prompt = &s.tokens[..s.prompt_len.saturating_sub(1)];
-        self.running.iter().any(|r| {
-            let theirs = &r.tokens[..r.prompt_len];
-            let common = prompt
-                .iter()
-                .zip(theirs)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let shared_blocks = common / BLOCK_SIZE;
-            shared_blocks > cached_blocks && r.hashes.len() < shared_blocks
-        })
+        let in_flight = self
+            .running
+            .iter()
+            .filter_map(|r| {
+                let common = prompt
+                    .iter()
+                    .zip(&r.tokens[..r.prompt_len])
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let shared_blocks = common / BLOCK_SIZE;
+                (r.hashes.len() < shared_blocks).then_some(shared_blocks)
+            })
+            .max();
+        // Hash the prompt against the cache only when someone is computing a part of it: the
+        // blocks may already be cached from an earlier prompt, and then there is nothing to wait for.
+        in_flight.is_some_and(|shared| shared > self.blocks.peek_prefix(&s.tokens, limit))
     }
 
     fn admit(&mut self) {
@@ -147,7 +153,7 @@ impl Scheduler {
             let s = &self.waiting[i];
             // Reuse the cached prefix; at least one token is left to compute for the logits.
             let limit = s.tokens.len() - 1;
-            if self.in_flight_prefix(s, self.blocks.peek_prefix(&s.tokens, limit)) {
+            if self.in_flight_prefix(s, limit) {
                 // Steps aside for this step only; whoever is behind it keeps FCFS order.
                 i += 1;
                 continue;
@@ -271,13 +277,19 @@ mod tests {
         [with(1000..1010), with(2000..2020), (3000..3040).collect()]
     }
 
-    #[test]
-    fn a_prompt_waits_for_the_shared_blocks_a_running_prompt_is_computing() {
-        let mut s = Scheduler::new(8, 512, BlockManager::new(64, true));
+    /// The three prompts queued, and the first step planned.
+    fn planned(prefix_cache: bool) -> Scheduler {
+        let mut s = Scheduler::new(8, 512, BlockManager::new(64, prefix_cache));
         for p in prompts() {
             s.add(seq(p));
         }
         s.plan();
+        s
+    }
+
+    #[test]
+    fn a_prompt_waits_for_the_shared_blocks_a_running_prompt_is_computing() {
+        let mut s = planned(true);
         // The second shares four blocks with the first, which has not computed them yet: it
         // steps aside; the third shares nothing and is admitted behind it.
         assert_eq!(s.running.len(), 2);
@@ -295,11 +307,7 @@ mod tests {
 
     #[test]
     fn without_the_prefix_cache_nobody_waits() {
-        let mut s = Scheduler::new(8, 512, BlockManager::new(64, false));
-        for p in prompts() {
-            s.add(seq(p));
-        }
-        s.plan();
+        let s = planned(false);
         assert_eq!(s.running.len(), 3);
         assert!(s.running.iter().all(|r| r.cached_prompt_tokens == 0));
     }
