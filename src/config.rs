@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::api::HttpConfig;
 use crate::engine::mistral::MistralOptions;
-use crate::engine::native::NativeOptions;
+use crate::engine::native::{NativeDevice, NativeOptions};
 use crate::engine::EngineKind;
 use crate::limits::admission::AdmissionConfig;
 use crate::limits::auth::{AuthConfig, SecretKey};
@@ -57,10 +57,17 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 
-    /// Which engine runs the model: the dedicated continuous-batching engine (CPU), or mistralrs
-    /// (the reference backend). Default: native, or mistralrs in a `cuda` build.
+    /// Which engine runs the model: the dedicated continuous-batching engine (on the CPU, or the
+    /// GPU with `--native-device cuda`), or mistralrs (the reference backend). Default: native,
+    /// or mistralrs in a `cuda` build.
     #[arg(long, env = "MEMEX_ENGINE", value_enum, default_value_t = EngineKind::DEFAULT)]
     pub engine: EngineKind,
+
+    /// Native engine: where the forward pass runs. `cpu`: our CPU kernels; `cuda`: candle's GPU
+    /// kernels in bf16 (a `cuda` build); `cpu-tensors`: the GPU code path on the CPU, to check it
+    /// without a GPU. Default: cpu, or cuda in a `cuda` build.
+    #[arg(long, env = "MEMEX_NATIVE_DEVICE", value_enum, default_value_t = NativeDevice::DEFAULT)]
+    pub native_device: NativeDevice,
 
     /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).
     #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048)]
@@ -205,6 +212,7 @@ impl ServeArgs {
             kv_cache_bytes: self.kv_cache_mb << 20,
             repetition_guard: self.repetition_guard,
             prefix_cache: self.prefix_cache,
+            device: self.native_device,
             ..NativeOptions::default()
         }
     }

@@ -14,4 +14,6 @@ pub mod limits;
 pub mod pipeline;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod test_files;
 pub mod tiny_model;

@@ -1,4 +1,5 @@
-//! Both engines (the native one and the mistralrs reference), on the tiny random Qwen3:
+//! Both engines (the native one, on its CPU kernels and on its GPU tensor path run on the CPU,
+//! and the mistralrs reference), on the tiny random Qwen3:
 //! constrained output is complete JSON, generation stops the moment the JSON is complete, counts
 //! use the model's tokenizer, both engines generate the same greedy output, and a bad model path
 //! fails at start with its name and without touching the network.
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memex::engine::mistral::MistralOptions;
-use memex::engine::native::NativeOptions;
+use memex::engine::native::{NativeDevice, NativeOptions};
 use memex::engine::{
     Engine, EngineKind, FinishReason, GenerateRequest, ModelSource, PromptMessage, PromptRole,
 };
@@ -17,11 +18,28 @@ use memex::pipeline::branch::Branch;
 use memex::pipeline::schema::{schema_for, worst_case_tokens, OutputLimits};
 use tokio::sync::OnceCell;
 
-async fn load(kind: EngineKind) -> Arc<dyn Engine> {
-    load_with_guard(kind, 0.8).await
+/// An engine under test: the backend, and for the native one where its forward pass runs.
+#[derive(Debug, Clone, Copy)]
+enum Under {
+    Native(NativeDevice),
+    Mistralrs,
 }
 
-async fn load_with_guard(kind: EngineKind, repetition_guard: f32) -> Arc<dyn Engine> {
+const ALL: [Under; 3] = [
+    Under::Native(NativeDevice::Cpu),
+    Under::Native(NativeDevice::CpuTensors),
+    Under::Mistralrs,
+];
+
+async fn load(under: Under) -> Arc<dyn Engine> {
+    load_with_guard(under, 0.8).await
+}
+
+async fn load_with_guard(under: Under, repetition_guard: f32) -> Arc<dyn Engine> {
+    let (kind, device) = match under {
+        Under::Native(d) => (EngineKind::Native, d),
+        Under::Mistralrs => (EngineKind::Mistralrs, NativeDevice::Cpu),
+    };
     let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
     memex::engine::load(
         kind,
@@ -32,6 +50,7 @@ async fn load_with_guard(kind: EngineKind, repetition_guard: f32) -> Arc<dyn Eng
         },
         &NativeOptions {
             repetition_guard,
+            device,
             ..NativeOptions::default()
         },
     )
@@ -39,26 +58,18 @@ async fn load_with_guard(kind: EngineKind, repetition_guard: f32) -> Arc<dyn Eng
     .unwrap()
 }
 
-/// Both engines, loaded once for the whole file.
-async fn engines() -> Vec<(EngineKind, Arc<dyn Engine>)> {
-    static NATIVE: OnceCell<Arc<dyn Engine>> = OnceCell::const_new();
-    static MISTRAL: OnceCell<Arc<dyn Engine>> = OnceCell::const_new();
-    vec![
-        (
-            EngineKind::Native,
-            NATIVE
-                .get_or_init(|| load(EngineKind::Native))
-                .await
-                .clone(),
-        ),
-        (
-            EngineKind::Mistralrs,
-            MISTRAL
-                .get_or_init(|| load(EngineKind::Mistralrs))
-                .await
-                .clone(),
-        ),
-    ]
+/// Every engine under test, loaded once for the whole file.
+async fn engines() -> Vec<(Under, Arc<dyn Engine>)> {
+    static LOADED: [OnceCell<Arc<dyn Engine>>; 3] = [
+        OnceCell::const_new(),
+        OnceCell::const_new(),
+        OnceCell::const_new(),
+    ];
+    let mut all = Vec::new();
+    for (cell, under) in LOADED.iter().zip(ALL) {
+        all.push((under, cell.get_or_init(|| load(under)).await.clone()));
+    }
+    all
 }
 
 fn request(user: &str, limits: &OutputLimits, branch: Branch) -> GenerateRequest {
@@ -106,7 +117,12 @@ fn constrained_output_is_complete_json_and_stops_at_its_end() {
                     .generate(request(&format!("dialogue number {i}"), &limits, branch))
                     .await
                     .unwrap();
-                assert_eq!(g.finish, FinishReason::Stop, "{kind} {branch}: {}", g.text);
+                assert_eq!(
+                    g.finish,
+                    FinishReason::Stop,
+                    "{kind:?} {branch}: {}",
+                    g.text
+                );
                 let v: serde_json::Value = serde_json::from_str(&g.text)
                     .unwrap_or_else(|err| panic!("{branch}: not JSON ({err}): {}", g.text));
                 assert!(v.is_object());
@@ -223,14 +239,14 @@ fn dropping_a_generation_does_not_wedge_the_engine() {
                 ))
                 .await
                 .unwrap();
-            assert_eq!(g.finish, FinishReason::Stop, "{kind}");
-            assert!(started.elapsed() < Duration::from_secs(60), "{kind}");
+            assert_eq!(g.finish, FinishReason::Stop, "{kind:?}");
+            assert!(started.elapsed() < Duration::from_secs(60), "{kind:?}");
         }
     });
 }
 
 #[test]
-fn both_engines_generate_the_same_greedy_output() {
+fn every_engine_generates_the_same_greedy_output() {
     rt().block_on(async {
         let limits = OutputLimits {
             max_items: 2,
@@ -240,13 +256,13 @@ fn both_engines_generate_the_same_greedy_output() {
         };
         // Without the repetition guard: the tiny model's logits are nearly flat, so the guard's
         // equal penalties leave exact ties whose winner depends on the last float bit.
-        let all = [
-            load_with_guard(EngineKind::Native, 0.0).await,
-            load_with_guard(EngineKind::Mistralrs, 0.0).await,
-        ];
+        let mut all = Vec::new();
+        for under in ALL {
+            all.push(load_with_guard(under, 0.0).await);
+        }
         for branch in Branch::ALL {
             let mut texts = Vec::new();
-            for (kind, e) in [EngineKind::Native, EngineKind::Mistralrs].iter().zip(&all) {
+            for (kind, e) in ALL.iter().zip(&all) {
                 let g = e
                     .generate(request("I am Alex and I like tea.", &limits, branch))
                     .await
@@ -255,8 +271,10 @@ fn both_engines_generate_the_same_greedy_output() {
             }
             // Same prompt tokens (same template and tokenizer) and the same greedy tokens under
             // the same grammar and repetition guard: the logits agree where it matters.
-            assert_eq!(texts[0].1, texts[1].1, "{branch}: prompt tokens differ");
-            assert_eq!(texts[0].2, texts[1].2, "{branch}: {texts:?}");
+            for other in &texts[1..] {
+                assert_eq!(texts[0].1, other.1, "{branch}: prompt tokens differ");
+                assert_eq!(texts[0].2, other.2, "{branch}: {texts:?}");
+            }
         }
     });
 }

@@ -34,8 +34,9 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
-    /// The default for this build. The native engine runs on the CPU only, so a `cuda` build
-    /// defaults to the backend that uses the GPU.
+    /// The default for this build. A `cuda` build defaults to mistralrs: the native engine's
+    /// GPU path (`native::tensor_model`) is checked against its CPU kernels on the CPU device,
+    /// but has not yet run on a GPU. `--engine native` selects it there.
     pub const DEFAULT: Self = if cfg!(feature = "cuda") {
         Self::Mistralrs
     } else {

@@ -622,21 +622,13 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// The real Qwen3 tokenizer, where `scripts/fetch-models.sh --qwen3-tokenizer` puts it (CI
-    /// fetches it first). Without it the tests that need it say so and skip, like
-    /// tests/serving.rs's input-limit test, so `cargo test` works on a fresh clone.
+    /// The real Qwen3 tokenizer, when fetched (see `test_files`).
     fn qwen3(test: &str) -> Option<tokenizers::Tokenizer> {
-        let cache = std::env::var_os("MEMEX_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"));
-        let path = cache.join("models/qwen3-tokenizer/tokenizer.json");
-        if !path.is_file() {
-            eprintln!(
-                "SKIPPED {test}: no {}; run `scripts/fetch-models.sh --qwen3-tokenizer` (CI does)",
-                path.display()
-            );
-            return None;
-        }
+        let path = crate::test_files::cached(
+            "models/qwen3-tokenizer/tokenizer.json",
+            test,
+            "--qwen3-tokenizer",
+        )?;
         Some(tokenizers::Tokenizer::from_file(&path).unwrap())
     }
 

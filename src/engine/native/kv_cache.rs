@@ -39,11 +39,6 @@ impl KvPool {
             slot_width,
         }
     }
-
-    /// Bytes one token position takes across all layers.
-    pub fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize) -> usize {
-        layers * 2 * kv_heads * head_dim * std::mem::size_of::<f32>()
-    }
 }
 
 /// Where logical position `pos` of a sequence lives in the pool.

@@ -171,6 +171,40 @@ impl Linear {
     }
 }
 
+/// A linear layer's weight as candle holds it, for the tensor path (`tensor_model`): GGUF blocks
+/// keep their bytes and type, dense weights stay a tensor.
+pub enum CandleWeight {
+    Quantized(QTensor),
+    Dense(Tensor),
+}
+
+impl Linear {
+    /// The weight and bias in candle's types on `dev` (the same bytes, so the same model).
+    pub fn to_candle(&self, dev: &Device) -> anyhow::Result<(CandleWeight, Option<&[f32]>)> {
+        let q = |dtype: GgmlDType, bytes: &[u8]| -> anyhow::Result<CandleWeight> {
+            Ok(CandleWeight::Quantized(
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    bytes,
+                    vec![self.n, self.k],
+                    dev,
+                )?,
+            ))
+        };
+        let weight = match &self.weight {
+            Weight::Q4_0(b) => q(GgmlDType::Q4_0, block_bytes(b))?,
+            Weight::Q4_1(b) => q(GgmlDType::Q4_1, block_bytes(b))?,
+            Weight::Q8_0(b) => q(GgmlDType::Q8_0, block_bytes(b))?,
+            Weight::Ggml(w) => {
+                let (dtype, bytes) = w.raw();
+                q(dtype, bytes)?
+            }
+            Weight::Dense(w) => CandleWeight::Dense(w.to_device(dev)?),
+        };
+        Ok((weight, self.bias.as_deref()))
+    }
+}
+
 /// Layers that read the same input (q/k/v; gate/up), run as one layer when their weight types
 /// allow it.
 pub struct Group {
@@ -209,6 +243,15 @@ impl Group {
         })
     }
 
+    /// The layers to run and the output width of each part: one fused layer whose output splits
+    /// at `widths`, or one layer per part.
+    pub fn layers(&self) -> (&[usize], &[Linear]) {
+        match &self.run {
+            GroupRun::Fused(l) => (&self.widths, std::slice::from_ref(l)),
+            GroupRun::Separate(p) => (&self.widths, p),
+        }
+    }
+
     /// One `[m, n_i]` output per part.
     pub fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
         match &self.run {
@@ -231,6 +274,15 @@ impl Group {
                 Ok(out)
             }
         }
+    }
+}
+
+/// The GGUF bytes of our blocks (the inverse of `cast_blocks`).
+fn block_bytes<B: Block>(blocks: &[B]) -> &[u8] {
+    // SAFETY: `B` is a `repr(C)` block of integers with no padding (its size is asserted equal
+    // to the GGUF block size below), so its memory is exactly its GGUF bytes.
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
     }
 }
 
@@ -585,6 +637,8 @@ fn by_weight_rows(m: usize, n: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> V
 
 trait GgmlRows: Send + Sync {
     fn forward(&self, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>;
+    /// The block type and the blocks' GGUF bytes.
+    fn raw(&self) -> (GgmlDType, &[u8]);
 }
 
 struct GgmlWeight<T: GgmlType> {
@@ -610,6 +664,17 @@ fn ggml<T: GgmlType + 'static>(bytes: &[u8], n: usize, k: usize) -> anyhow::Resu
 }
 
 impl<T: GgmlType> GgmlRows for GgmlWeight<T> {
+    fn raw(&self) -> (GgmlDType, &[u8]) {
+        // SAFETY: candle's block types are `repr(C)` mirrors of the GGUF layout (see `ggml`).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                self.blocks.as_ptr() as *const u8,
+                std::mem::size_of_val(self.blocks.as_slice()),
+            )
+        };
+        (T::DTYPE, bytes)
+    }
+
     fn forward(&self, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let kb = k / T::VecDotType::BLCK_SIZE;
         let mut act = vec![T::VecDotType::zeros(); m * kb];

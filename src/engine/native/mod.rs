@@ -8,6 +8,8 @@
 //! - `model`: one flattened forward pass for the step (`weights`: Llama / Qwen2 / Qwen3;
 //!   `linear`: the matmul kernels, which read each weight once per step for all rows;
 //!   `attention`: every row over its own cached keys and values, split across cores);
+//! - `tensor_model`: the same step as candle tensor ops on a device (the GPU path), over a KV
+//!   pool of device tensors with the same block tables;
 //! - `kv_cache`: the KV block pool, block manager and prefix cache;
 //! - `stats`: step counters for metrics;
 //! - `sequence`: a generation in flight, with its llguidance matcher;
@@ -27,6 +29,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod stats;
+pub mod tensor_model;
 pub mod tokenizer;
 pub mod weights;
 
@@ -64,8 +67,45 @@ pub struct NativeOptions {
     pub repetition_guard: f32,
     /// Reuse the KV blocks of prompt prefixes already computed (the branch templates).
     pub prefix_cache: bool,
+    /// Where the forward pass runs.
+    pub device: NativeDevice,
     /// Counters the step loop updates, read by `/metrics`.
     pub stats: Arc<NativeStats>,
+}
+
+/// Where the native engine runs its forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeDevice {
+    /// Our CPU kernels over a host KV pool (`model`).
+    Cpu,
+    /// candle tensor ops on the first CUDA GPU, bf16 (`tensor_model`); needs a `cuda` build.
+    Cuda,
+    /// The GPU code path on the CPU device, f32: for checking it on a machine without a GPU
+    /// (several times slower than `cpu`).
+    CpuTensors,
+}
+
+impl NativeDevice {
+    pub const DEFAULT: Self = if cfg!(feature = "cuda") {
+        Self::Cuda
+    } else {
+        Self::Cpu
+    };
+}
+
+/// What runs a step's forward pass: the scheduler hands either the same runs.
+enum Executor {
+    Host { model: Model, pool: KvPool },
+    Tensors(tensor_model::TensorModel),
+}
+
+impl Executor {
+    fn forward(&mut self, runs: &[Run]) -> candle_core::Result<Vec<Option<Vec<f32>>>> {
+        match self {
+            Self::Host { model, pool } => model.forward(runs, pool),
+            Self::Tensors(m) => m.forward(runs),
+        }
+    }
 }
 
 impl Default for NativeOptions {
@@ -76,6 +116,7 @@ impl Default for NativeOptions {
             kv_cache_bytes: 2 << 30,
             repetition_guard: 0.8,
             prefix_cache: true,
+            device: NativeDevice::DEFAULT,
             stats: Arc::default(),
         }
     }
@@ -126,10 +167,32 @@ impl NativeEngine {
         let env = byte_tok.into_tok_env(Some(vocab))?;
         let factory = Arc::new(ParserFactory::new_simple(&env)?);
         let eos: Vec<u32> = factory.tok_env().tok_trie().eos_tokens().to_vec();
-        let model = Model::new(weights);
+        let config = weights.config.clone();
+        let (executor, blocks, model_positions) = match opts.device {
+            NativeDevice::Cpu => {
+                let model = Model::new(weights);
+                let blocks = pool_blocks(&config, opts.kv_cache_bytes, 4);
+                let pool = KvPool::new(config.layers, config.kv_heads, config.head_dim, blocks);
+                let positions = model.max_positions();
+                (Executor::Host { model, pool }, blocks, positions)
+            }
+            NativeDevice::Cuda | NativeDevice::CpuTensors => {
+                let (dev, dtype) = if opts.device == NativeDevice::Cuda {
+                    let dev = candle_core::Device::new_cuda(0)
+                        .map_err(|e| anyhow::anyhow!("--native-device cuda: {e}"))?;
+                    (dev, candle_core::DType::BF16)
+                } else {
+                    (candle_core::Device::Cpu, candle_core::DType::F32)
+                };
+                let blocks = pool_blocks(&config, opts.kv_cache_bytes, dtype.size_in_bytes());
+                let m = tensor_model::TensorModel::new(&weights, &dev, dtype, blocks)?;
+                drop(weights);
+                let positions = m.max_positions();
+                (Executor::Tensors(m), blocks, positions)
+            }
+        };
         // A generation must fit the model's positions and, alone, the KV pool.
-        let pool_positions = pool_blocks(model.config(), opts.kv_cache_bytes) * BLOCK_SIZE;
-        let max_positions = model.max_positions().min(pool_positions);
+        let max_positions = model_positions.min(blocks * BLOCK_SIZE);
 
         let tokenizer = Arc::new(tokenizer);
         let encoder = Encoder::new(tokenizer.clone());
@@ -140,7 +203,7 @@ impl NativeEngine {
         let opts = opts.clone();
         std::thread::Builder::new()
             .name("memex-engine".into())
-            .spawn(move || engine_loop(model, rx, opts, eos, dry))?;
+            .spawn(move || engine_loop(executor, blocks, rx, opts, eos, dry))?;
         let info = ModelInfo {
             name: source.name(),
             max_sequence_len: Some(max_positions),
@@ -246,15 +309,13 @@ impl Engine for NativeEngine {
 }
 
 fn engine_loop(
-    model: Model,
+    mut executor: Executor,
+    blocks: usize,
     rx: mpsc::Receiver<Submission>,
     opts: NativeOptions,
     eos: Vec<u32>,
     dry: Option<Dry>,
 ) {
-    let c = model.config().clone();
-    let blocks = pool_blocks(&c, opts.kv_cache_bytes);
-    let mut pool = KvPool::new(c.layers, c.kv_heads, c.head_dim, blocks);
     let mut sched = Scheduler::new(
         opts.max_running,
         opts.step_tokens,
@@ -298,7 +359,7 @@ fn engine_loop(
             })
             .collect();
         let batch = runs.len();
-        let result = model.forward(&runs, &mut pool);
+        let result = executor.forward(&runs);
         drop(runs);
         let logits = match result {
             Ok(l) => l,
@@ -338,8 +399,9 @@ fn engine_loop(
     }
 }
 
-fn pool_blocks(c: &weights::Config, bytes: usize) -> usize {
-    let bytes_per_block = KvPool::bytes_per_token(c.layers, c.kv_heads, c.head_dim) * BLOCK_SIZE;
+/// Blocks that `bytes` of KV memory hold, at `elem` bytes per value.
+fn pool_blocks(c: &weights::Config, bytes: usize, elem: usize) -> usize {
+    let bytes_per_block = c.layers * 2 * c.kv_heads * c.head_dim * elem * BLOCK_SIZE;
     (bytes / bytes_per_block).max(1)
 }
 

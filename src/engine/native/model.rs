@@ -39,21 +39,7 @@ const MAX_ROPE_POSITIONS: usize = 65_536;
 
 impl Model {
     pub fn new(weights: Weights) -> Self {
-        let c = &weights.config;
-        let positions = c.max_positions.min(MAX_ROPE_POSITIONS);
-        let half = c.head_dim / 2;
-        let inv: Vec<f64> = (0..half)
-            .map(|i| 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.head_dim as f64))
-            .collect();
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            for f in &inv {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin, positions) = rope_tables(&weights.config);
         Self {
             cos,
             sin,
@@ -178,6 +164,26 @@ impl Model {
                 }
             });
     }
+}
+
+/// The rotary tables, `[position][head_dim / 2]` cos and sin, and how many positions they cover
+/// (computed in f64, so both forward paths rotate by exactly the same values).
+pub fn rope_tables(c: &Config) -> (Vec<f32>, Vec<f32>, usize) {
+    let positions = c.max_positions.min(MAX_ROPE_POSITIONS);
+    let half = c.head_dim / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.head_dim as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin, positions)
 }
 
 /// `out = x / rms(x) * weight`, row by row (rows are `weight.len()` wide). The same arithmetic,
