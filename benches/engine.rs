@@ -5,7 +5,8 @@
 //!     cargo bench --bench engine -- tiny         # only models whose name contains "tiny"
 //!
 //! Environment: `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`; see [`build_engine`]),
-//! `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS` (rounds per level, median kept;
+//! `MEMEX_BENCH_NATIVE_DEVICE` (the native engine's `--native-device`: `cpu`, the default in a CPU
+//! build, `cuda` or `cpu-tensors`), `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS` (rounds per level, median kept;
 //! default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
 //! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_OUT` (also write
 //! the results as JSON there).
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use memex::engine::mistral::MistralOptions;
-use memex::engine::native::NativeOptions;
+use memex::engine::native::{NativeDevice, NativeOptions};
 use memex::engine::{
     Engine, FinishReason, GenerateRequest, Generation, ModelSource, PromptMessage, PromptRole,
 };
@@ -52,10 +53,33 @@ async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
         // measure cache hits, not prefill (the HTTP benchmark measures the cache's effect).
         &NativeOptions {
             prefix_cache: false,
+            device: native_device()?,
             ..NativeOptions::default()
         },
     )
     .await
+}
+
+fn native_device() -> anyhow::Result<NativeDevice> {
+    use clap::ValueEnum;
+    match std::env::var("MEMEX_BENCH_NATIVE_DEVICE") {
+        Ok(d) => NativeDevice::from_str(&d, true)
+            .map_err(|e| anyhow::anyhow!("MEMEX_BENCH_NATIVE_DEVICE {d:?}: {e}")),
+        Err(_) => Ok(NativeDevice::DEFAULT),
+    }
+}
+
+/// The engine's label in the results: `native/<device>` or `mistralrs`.
+fn engine_label() -> String {
+    let engine = std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "native".into());
+    match native_device() {
+        Ok(d) if engine == "native" => {
+            use clap::ValueEnum;
+            let name = d.to_possible_value().map(|v| v.get_name().to_string());
+            format!("native/{}", name.unwrap_or_default())
+        }
+        _ => engine,
+    }
 }
 
 fn root() -> PathBuf {
@@ -234,7 +258,7 @@ async fn bench_model(name: &str, source: ModelSource, levels: &[usize], rounds: 
         }
         let row = Row {
             model: name.to_string(),
-            engine: std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "native".into()),
+            engine: engine_label(),
             concurrency: n,
             prompt_tokens_per_request: p_tokens,
             prefill_tokens_per_s: median(pre),

@@ -25,11 +25,19 @@ enum Under {
     Mistralrs,
 }
 
-const ALL: [Under; 3] = [
-    Under::Native(NativeDevice::Cpu),
-    Under::Native(NativeDevice::CpuTensors),
-    Under::Mistralrs,
-];
+/// The native engine on its CPU kernels and on its tensor path (on the CPU device, or on the GPU
+/// with `MEMEX_TEST_TENSOR_DEVICE=cuda` in a `cuda` build), and the reference.
+fn all() -> [Under; 3] {
+    let tensors = match std::env::var("MEMEX_TEST_TENSOR_DEVICE").as_deref() {
+        Ok("cuda") => NativeDevice::Cuda,
+        _ => NativeDevice::CpuTensors,
+    };
+    [
+        Under::Native(NativeDevice::Cpu),
+        Under::Native(tensors),
+        Under::Mistralrs,
+    ]
+}
 
 async fn load(under: Under) -> Arc<dyn Engine> {
     load_with_guard(under, 0.8).await
@@ -65,11 +73,11 @@ async fn engines() -> Vec<(Under, Arc<dyn Engine>)> {
         OnceCell::const_new(),
         OnceCell::const_new(),
     ];
-    let mut all = Vec::new();
-    for (cell, under) in LOADED.iter().zip(ALL) {
-        all.push((under, cell.get_or_init(|| load(under)).await.clone()));
+    let mut loaded = Vec::new();
+    for (cell, under) in LOADED.iter().zip(all()) {
+        loaded.push((under, cell.get_or_init(|| load(under)).await.clone()));
     }
-    all
+    loaded
 }
 
 fn request(user: &str, limits: &OutputLimits, branch: Branch) -> GenerateRequest {
@@ -256,13 +264,14 @@ fn every_engine_generates_the_same_greedy_output() {
         };
         // Without the repetition guard: the tiny model's logits are nearly flat, so the guard's
         // equal penalties leave exact ties whose winner depends on the last float bit.
-        let mut all = Vec::new();
-        for under in ALL {
-            all.push(load_with_guard(under, 0.0).await);
+        let under = all();
+        let mut loaded = Vec::new();
+        for u in under {
+            loaded.push(load_with_guard(u, 0.0).await);
         }
         for branch in Branch::ALL {
             let mut texts = Vec::new();
-            for (kind, e) in ALL.iter().zip(&all) {
+            for (kind, e) in under.iter().zip(&loaded) {
                 let g = e
                     .generate(request("I am Alex and I like tea.", &limits, branch))
                     .await

@@ -506,6 +506,14 @@ mod tests {
     use crate::engine::native::model::Model;
     use candle_core::quantized::GgmlDType;
 
+    /// The CPU device, or the GPU with `MEMEX_TEST_TENSOR_DEVICE=cuda` (a `cuda` build).
+    fn device() -> Device {
+        match std::env::var("MEMEX_TEST_TENSOR_DEVICE").as_deref() {
+            Ok("cuda") => Device::new_cuda(0).unwrap(),
+            _ => Device::Cpu,
+        }
+    }
+
     fn weights(quantize: Option<GgmlDType>) -> Weights {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny_model::write(dir.path(), 7).unwrap();
@@ -584,7 +592,7 @@ mod tests {
     }
 
     fn compare_weights(w: Weights, dtype: DType, tolerance: f32) {
-        let mut dev = TensorModel::new(&w, &Device::Cpu, dtype, 64).unwrap();
+        let mut dev = TensorModel::new(&w, &device(), dtype, 64).unwrap();
         let host = Model::new(w);
         let [a, b] = mixed_steps(&host, &mut dev);
         assert_eq!(a.len(), 7);
@@ -662,7 +670,7 @@ mod tests {
                 20,
             ),
         ];
-        let mut dev = TensorModel::new(&w, &Device::Cpu, DType::F32, 64).unwrap();
+        let mut dev = TensorModel::new(&w, &device(), DType::F32, 64).unwrap();
         let host = Model::new(w);
         let [a, b] = mixed_steps_of(&host, &mut dev, seqs);
         let argmax = |l: &[f32]| {
@@ -685,7 +693,7 @@ mod tests {
     #[test]
     fn a_cached_prefix_is_read_back_through_the_block_table() {
         let w = weights(None);
-        let mut dev = TensorModel::new(&w, &Device::Cpu, DType::F32, 16).unwrap();
+        let mut dev = TensorModel::new(&w, &device(), DType::F32, 16).unwrap();
         let s = tokens(9, 40);
         let t = [5u32, 2, 7];
         let one_shot = dev
@@ -698,7 +706,7 @@ mod tests {
             .unwrap()
             .remove(0)
             .unwrap();
-        let mut fresh = TensorModel::new(&w, &Device::Cpu, DType::F32, 16).unwrap();
+        let mut fresh = TensorModel::new(&w, &device(), DType::F32, 16).unwrap();
         let t2 = [3u32, 11, 0];
         for (from, to) in [(0, 32), (32, 40)] {
             let got = fresh
