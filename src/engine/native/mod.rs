@@ -93,7 +93,8 @@ impl NativeDevice {
     };
 }
 
-/// What runs a step's forward pass: the scheduler hands either the same runs.
+/// What runs a step's forward pass. Both take the same runs and block tables, so the scheduler,
+/// block manager and prefix cache do not know which one they drive.
 enum Executor {
     Host { model: Model, pool: KvPool },
     Tensors(tensor_model::TensorModel),
