@@ -6,8 +6,8 @@
 //!
 //! Environment: `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`; see [`build_engine`]),
 //! `MEMEX_BENCH_NATIVE_DEVICE` (the native engine's `--native-device`: `cpu`, the default in a CPU
-//! build, `cuda` or `cpu-tensors`), `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS` (rounds per level, median kept;
-//! default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
+//! build, `cuda` or `cpu-tensors`), `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS`
+//! (rounds per level, median kept; default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
 //! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_OUT` (also write
 //! the results as JSON there).
 //!

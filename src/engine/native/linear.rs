@@ -191,10 +191,11 @@ impl Linear {
                 )?,
             ))
         };
+        // SAFETY: our block types have no padding (sizes asserted below).
         let weight = match &self.weight {
-            Weight::Q4_0(b) => q(GgmlDType::Q4_0, block_bytes(b))?,
-            Weight::Q4_1(b) => q(GgmlDType::Q4_1, block_bytes(b))?,
-            Weight::Q8_0(b) => q(GgmlDType::Q8_0, block_bytes(b))?,
+            Weight::Q4_0(b) => q(GgmlDType::Q4_0, unsafe { block_bytes(b) })?,
+            Weight::Q4_1(b) => q(GgmlDType::Q4_1, unsafe { block_bytes(b) })?,
+            Weight::Q8_0(b) => q(GgmlDType::Q8_0, unsafe { block_bytes(b) })?,
             Weight::Ggml(w) => {
                 let (dtype, bytes) = w.raw();
                 q(dtype, bytes)?
@@ -277,10 +278,14 @@ impl Group {
     }
 }
 
-/// The GGUF bytes of our blocks (the inverse of `cast_blocks`).
-fn block_bytes<B: Block>(blocks: &[B]) -> &[u8] {
-    // SAFETY: `B` is a `repr(C)` block of integers with no padding (its size is asserted equal
-    // to the GGUF block size below), so its memory is exactly its GGUF bytes.
+/// The GGUF bytes of blocks held as `repr(C)` mirrors of the GGUF layout (the inverse of
+/// `cast_blocks` and `ggml`).
+///
+/// # Safety
+/// `T` must have no padding, so that its memory is exactly its GGUF bytes: true of our block
+/// types (their sizes are asserted equal to the GGUF block sizes below) and of candle's.
+unsafe fn block_bytes<T>(blocks: &[T]) -> &[u8] {
+    // SAFETY: every byte of a padding-free `T` is initialised; the slice covers exactly them.
     unsafe {
         std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
     }
@@ -666,13 +671,7 @@ fn ggml<T: GgmlType + 'static>(bytes: &[u8], n: usize, k: usize) -> anyhow::Resu
 impl<T: GgmlType> GgmlRows for GgmlWeight<T> {
     fn raw(&self) -> (GgmlDType, &[u8]) {
         // SAFETY: candle's block types are `repr(C)` mirrors of the GGUF layout (see `ggml`).
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                self.blocks.as_ptr() as *const u8,
-                std::mem::size_of_val(self.blocks.as_slice()),
-            )
-        };
-        (T::DTYPE, bytes)
+        (T::DTYPE, unsafe { block_bytes(&self.blocks) })
     }
 
     fn forward(&self, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {

@@ -220,15 +220,21 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// The ragged-batch tests, and the helpers `tensor_model`'s tests share.
 #[cfg(test)]
-mod batch_tests {
+pub(crate) mod batch_tests {
     use super::*;
     use crate::engine::native::kv_cache::BLOCK_SIZE;
 
-    fn model() -> Model {
+    /// The tiny generated Qwen3's weights.
+    pub(crate) fn tiny_weights() -> Weights {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny_model::write(dir.path(), 7).unwrap();
-        Model::new(Weights::from_safetensors_dir(dir.path()).unwrap())
+        Weights::from_safetensors_dir(dir.path()).unwrap()
+    }
+
+    fn model() -> Model {
+        Model::new(tiny_weights())
     }
 
     fn pool(m: &Model) -> KvPool {
@@ -236,15 +242,16 @@ mod batch_tests {
         KvPool::new(c.layers, c.kv_heads, c.head_dim, 64)
     }
 
-    fn tokens(seed: u32, n: usize) -> Vec<u32> {
+    pub(crate) fn tokens(seed: u32, n: usize) -> Vec<u32> {
         (0..n as u32).map(|i| (i * 31 + seed * 17) % 250).collect()
     }
 
-    fn table(first: u32, positions: usize) -> Vec<u32> {
+    /// Consecutive blocks from `first`, enough for `positions`.
+    pub(crate) fn table(first: u32, positions: usize) -> Vec<u32> {
         (first..first + positions.div_ceil(BLOCK_SIZE) as u32).collect()
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
             .zip(b)

@@ -143,10 +143,12 @@ struct AttentionPlan {
 struct Chunk {
     /// The slots of all its positions, cached and new.
     gather: Tensor,
-    /// Its first row in the step, its rows, and the position of its first row.
+    /// `[len, keys]` f32, added to the scores: 0, or -inf where row j (at position start + j)
+    /// would see a later key. Built once per step, not once per layer.
+    causal: Tensor,
+    /// Its first row in the step and its rows.
     row: usize,
     len: usize,
-    start: usize,
 }
 
 /// All single-row runs of a step, attended as one batch.
@@ -155,7 +157,7 @@ struct Decode {
     rows: Tensor,
     /// `[batch * keys]`: each run's slots for positions `0..keys`, padded past its own end.
     gather: Tensor,
-    /// `[batch, 1, keys]`: 1 where a position is padding.
+    /// `[batch, 1, keys]` f32, added to the scores: 0, or -inf where a position is padding.
     pad: Tensor,
     batch: usize,
     keys: usize,
@@ -274,7 +276,7 @@ impl TensorModel {
             }
             for ch in &plan.chunks {
                 let q = q.narrow(0, ch.row, ch.len)?;
-                outs.push(self.attention(&q, k_pool, v_pool, &ch.gather, ch.start)?);
+                outs.push(self.attention(&q, k_pool, v_pool, ch)?);
             }
             let attn = Tensor::cat(&outs, 0)?;
             let attn = match &plan.order {
@@ -337,14 +339,20 @@ impl TensorModel {
                 order.push(decode_rows.len() as u32);
                 decode_rows.push(row as u32);
             } else {
-                let keys: Vec<u32> = (0..r.start + len)
-                    .map(|p| slot(r.table, p) as u32)
-                    .collect();
+                let keys = r.start + len;
+                let slots: Vec<u32> = (0..keys).map(|p| slot(r.table, p) as u32).collect();
+                let key_pos = Tensor::arange(0u32, keys as u32, dev)?.reshape((1, keys))?;
+                let row_pos =
+                    Tensor::arange(r.start as u32, keys as u32, dev)?.reshape((len, 1))?;
+                let causal = key_pos.broadcast_gt(&row_pos)?.where_cond(
+                    &Tensor::full(f32::NEG_INFINITY, (len, keys), dev)?,
+                    &Tensor::zeros((len, keys), DType::F32, dev)?,
+                )?;
                 chunks.push(Chunk {
-                    gather: Tensor::from_vec(keys, r.start + len, dev)?,
+                    gather: Tensor::from_vec(slots, keys, dev)?,
+                    causal,
                     row,
                     len,
-                    start: r.start,
                 });
                 order.extend((next_chunk_row..next_chunk_row + len).map(|i| i as u32));
                 next_chunk_row += len;
@@ -368,7 +376,7 @@ impl TensorModel {
                     let real = p <= r.start;
                     // Padding reads position 0's slot (always valid) and is masked out.
                     gather.push(slot(r.table, if real { p } else { 0 }) as u32);
-                    pad.push(u8::from(!real));
+                    pad.push(if real { 0f32 } else { f32::NEG_INFINITY });
                 }
             }
             Some(Decode {
@@ -418,13 +426,9 @@ impl TensorModel {
         };
         let (k, v) = (cached(k_pool)?, cached(v_pool)?);
         let scale = 1.0 / (d as f64).sqrt();
-        let scores =
-            (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.reshape((b, heads, keys))?;
-        let blocked = Tensor::full(f32::NEG_INFINITY, (b, heads, keys), &self.dev)?;
-        let scores = dec
-            .pad
-            .broadcast_as((b, heads, keys))?
-            .where_cond(&blocked, &scores)?;
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?
+            .reshape((b, heads, keys))?
+            .broadcast_add(&dec.pad)?;
         candle_nn::ops::softmax_last_dim(&scores)?
             .to_dtype(self.dtype)?
             .reshape((b * kv_heads, group, keys))?
@@ -446,21 +450,20 @@ impl TensorModel {
         }
     }
 
-    /// Causal attention of one sequence's `len` new rows (`q`: `[len, heads, head_dim]`, the
-    /// first at position `start`) over its positions `0..start + len`, read from the pool at the
-    /// slots in `gather`. Returns `[len, heads * head_dim]`.
+    /// Causal attention of one chunk's new rows (`q`: `[len, heads, head_dim]`) over all its
+    /// positions, read from the pool at the chunk's slots. Returns `[len, heads * head_dim]`.
     fn attention(
         &self,
         q: &Tensor,
         k_pool: &Tensor,
         v_pool: &Tensor,
-        gather: &Tensor,
-        start: usize,
+        chunk: &Chunk,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.heads, c.kv_heads, c.head_dim);
         let group = heads / kv_heads;
-        let len = q.dim(0)?;
+        let len = chunk.len;
+        let gather = &chunk.gather;
         let keys = gather.dim(0)?;
         // Heads `kv * group .. (kv + 1) * group` share KV head `kv`: fold the group into rows.
         let q = q
@@ -476,21 +479,10 @@ impl TensorModel {
         let (k, v) = (cached(k_pool)?, cached(v_pool)?);
         let scale = 1.0 / (d as f64).sqrt();
         // Scores and softmax in f32 whatever the model's dtype.
-        let mut scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
-        if len > 1 {
-            // Row j (at position start + j) sees keys up to start + j.
-            let key_pos = Tensor::arange(0u32, keys as u32, &self.dev)?.reshape((1, keys))?;
-            let row_pos =
-                Tensor::arange(start as u32, (start + len) as u32, &self.dev)?.reshape((len, 1))?;
-            let future = key_pos
-                .broadcast_gt(&row_pos)?
-                .reshape((1, 1, len, keys))?
-                .broadcast_as((kv_heads, group, len, keys))?;
-            let blocked = Tensor::full(f32::NEG_INFINITY, (kv_heads, group, len, keys), &self.dev)?;
-            scores = future
-                .where_cond(&blocked, &scores.reshape((kv_heads, group, len, keys))?)?
-                .reshape((kv_heads, group * len, keys))?;
-        }
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?
+            .reshape((kv_heads, group, len, keys))?
+            .broadcast_add(&chunk.causal)?
+            .reshape((kv_heads, group * len, keys))?;
         let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         p.matmul(&v)?
             .reshape((kv_heads, group, len, d))?
@@ -503,6 +495,7 @@ impl TensorModel {
 mod tests {
     use super::*;
     use crate::engine::native::kv_cache::KvPool;
+    use crate::engine::native::model::batch_tests::{max_diff, table, tiny_weights, tokens};
     use crate::engine::native::model::Model;
     use candle_core::quantized::GgmlDType;
 
@@ -515,32 +508,16 @@ mod tests {
     }
 
     fn weights(quantize: Option<GgmlDType>) -> Weights {
-        let dir = tempfile::tempdir().unwrap();
-        crate::tiny_model::write(dir.path(), 7).unwrap();
-        let w = Weights::from_safetensors_dir(dir.path()).unwrap();
+        let w = tiny_weights();
         match quantize {
             Some(q) => w.quantized(q).unwrap(),
             None => w,
         }
     }
 
-    fn tokens(seed: u32, n: usize) -> Vec<u32> {
-        (0..n as u32).map(|i| (i * 31 + seed * 17) % 250).collect()
-    }
-
-    fn table(first: u32, positions: usize) -> Vec<u32> {
-        (first..first + positions.div_ceil(BLOCK_SIZE) as u32).collect()
-    }
-
-    /// The largest difference, relative to the largest logit.
+    /// The largest difference, relative to the largest logit of `b`.
     fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-            / scale
+        max_diff(a, b) / b.iter().fold(0f32, |m, v| m.max(v.abs()))
     }
 
     /// Three sequences of different lengths, each prefilled in two chunks (the second chunk of
