@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::HttpConfig;
+use crate::connections::ConnectionConfig;
 use crate::engine::mistral::MistralOptions;
 use crate::engine::native::{NativeDevice, NativeOptions};
 use crate::engine::EngineKind;
@@ -70,7 +71,7 @@ pub struct ServeArgs {
     pub native_device: NativeDevice,
 
     /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).
-    #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048)]
+    #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048, value_parser = megabytes)]
     pub kv_cache_mb: usize,
 
     /// Native engine: reuse the KV blocks of prompt prefixes already computed (the branch
@@ -95,6 +96,24 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MEMEX_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+
+    /// Longest a request head may take to arrive, from its first byte, in seconds; then the
+    /// connection is closed.
+    #[arg(long, env = "MEMEX_HEADER_READ_TIMEOUT", default_value_t = 10.0, value_parser = positive_seconds)]
+    pub header_read_timeout: f64,
+
+    /// Longest the whole request body may take to arrive, in seconds; then 408.
+    #[arg(long, env = "MEMEX_BODY_READ_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub body_read_timeout: f64,
+
+    /// Longest a keep-alive connection may wait for its next request, in seconds.
+    #[arg(long, env = "MEMEX_IDLE_TIMEOUT", default_value_t = 75.0, value_parser = positive_seconds)]
+    pub idle_timeout: f64,
+
+    /// Most connections open at once (API and metrics port each); beyond, a 503 and a close.
+    #[arg(long, env = "MEMEX_MAX_CONNECTIONS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 
     /// Most items one branch returns (memories, or preferences of one kind).
     #[arg(long, env = "MEMEX_MAX_ITEMS", default_value_t = OutputLimits::default().max_items)]
@@ -141,12 +160,17 @@ pub struct ServeArgs {
     )]
     pub api_key: Vec<SecretKey>,
 
+    /// Secret under which logs hash API keys (`key_hash`); random per process when unset, so
+    /// the hashes then change on restart.
+    #[arg(long, env = "MEMEX_KEY_HASH_SECRET", hide_env_values = true)]
+    pub key_hash_secret: Option<SecretKey>,
+
     /// Serve without authentication (logged as a warning at start).
     #[arg(long, env = "MEMEX_NO_AUTH")]
     pub no_auth: bool,
 
     /// Requests per second per key, for keys that set no `rps=` (0 = unlimited).
-    #[arg(long, env = "MEMEX_RATE_RPS", default_value_t = 10.0)]
+    #[arg(long, env = "MEMEX_RATE_RPS", default_value_t = 10.0, value_parser = crate::limits::rate::parse_rps)]
     pub rate_rps: f64,
 
     /// Requests a key may send back to back before `--rate-rps` applies.
@@ -174,9 +198,35 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub drain_timeout: f64,
 
+    /// Fault injection for tests of a dying engine: the native engine's thread panics when it
+    /// takes this many-th generation (the warm-up is the first). Never set it in production.
+    #[arg(long, env = "MEMEX_FAULT_ENGINE_PANIC_AT", hide = true)]
+    pub fault_engine_panic_at: Option<u64>,
+
     /// Serve /metrics on this port instead of the API port (0 = any free port).
     #[arg(long, env = "MEMEX_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+}
+
+/// A KV pool size whose byte count fits a `usize`.
+fn megabytes(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|mb| *mb >= 1 && mb.checked_mul(1 << 20).is_some())
+        .ok_or_else(|| {
+            format!(
+                "`{s}` is not a size in MiB between 1 and {}",
+                usize::MAX >> 20
+            )
+        })
+}
+
+/// A timeout: more than zero (zero would close every connection at once), at most a day.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    seconds(s)
+        .ok()
+        .filter(|v| *v > 0.0)
+        .ok_or_else(|| format!("`{s}` is not a number of seconds above 0 and at most 86400"))
 }
 
 fn seconds(s: &str) -> Result<f64, String> {
@@ -209,10 +259,12 @@ impl ServeArgs {
         NativeOptions {
             max_running: self.max_num_seqs,
             step_tokens: self.step_tokens,
-            kv_cache_bytes: self.kv_cache_mb << 20,
+            // Checked when parsed (`megabytes`).
+            kv_cache_bytes: self.kv_cache_mb.saturating_mul(1 << 20),
             repetition_guard: self.repetition_guard,
             prefix_cache: self.prefix_cache,
             device: self.native_device,
+            panic_at_submission: self.fault_engine_panic_at,
             ..NativeOptions::default()
         }
     }
@@ -228,6 +280,15 @@ impl ServeArgs {
     pub fn http(&self) -> HttpConfig {
         HttpConfig {
             max_body_bytes: self.max_body_bytes,
+            body_read_timeout: Duration::from_secs_f64(self.body_read_timeout),
+        }
+    }
+
+    pub fn connections(&self) -> ConnectionConfig {
+        ConnectionConfig {
+            header_read_timeout: Duration::from_secs_f64(self.header_read_timeout),
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout),
+            max_connections: self.max_connections as usize,
         }
     }
 
@@ -237,10 +298,11 @@ impl ServeArgs {
             key_file: self.api_keys.clone(),
             keys: self.api_key.clone(),
             defaults: RateLimits {
-                requests_per_second: self.rate_rps.max(0.0),
+                requests_per_second: self.rate_rps,
                 burst: self.rate_burst,
                 tokens_per_minute: self.tokens_per_minute,
             },
+            hash_secret: self.key_hash_secret.clone(),
         }
     }
 
@@ -284,6 +346,12 @@ mod tests {
         assert_eq!(admission.queue_timeout, Duration::from_secs(30));
         assert_eq!(args.drain_timeout(), Duration::from_secs(30));
         assert!(args.metrics_addr().unwrap().is_none());
+        let c = args.connections();
+        assert_eq!(
+            (c.header_read_timeout, c.idle_timeout, c.max_connections),
+            (Duration::from_secs(10), Duration::from_secs(75), 512)
+        );
+        assert_eq!(args.http().body_read_timeout, Duration::from_secs(30));
         let auth = args.auth();
         assert!(!auth.no_auth && auth.key_file.is_none());
         assert_eq!(auth.defaults.tokens_per_minute, 100_000);
@@ -320,6 +388,14 @@ mod tests {
             ["--max-concurrent", "0"],
             ["--queue-timeout", "-1"],
             ["--drain-timeout", "soon"],
+            ["--header-read-timeout", "0"],
+            ["--idle-timeout", "inf"],
+            ["--max-connections", "0"],
+            ["--rate-rps", "1e-300"],
+            ["--rate-rps", "inf"],
+            ["--rate-rps", "NaN"],
+            ["--kv-cache-mb", "18446744073709551615"],
+            ["--kv-cache-mb", "17592186044416"],
         ] {
             let mut argv = vec!["memex", "serve", "--model", "/m"];
             argv.extend(bad);

@@ -2,12 +2,14 @@
 //!
 //! The request path is the module layout:
 //! HTTP ([`api`]) → admission ([`limits`]: keys, rate limits, a bounded queue) → pipeline
-//! ([`pipeline`]: clean, language, branches, prompts, schemas, output) → engine ([`engine`]: the model behind one trait) → response. [`server`] starts and stops the
+//! ([`pipeline`]: clean, language, branches, prompts, schemas, output) → engine ([`engine`]: the model behind one trait) → response. [`connections`] accepts and bounds
+//! connections, [`server`] starts and stops the
 //! process through the phases of [`lifecycle`], [`config`] is the command line, [`telemetry`]
 //! logging and metrics.
 
 pub mod api;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod lifecycle;
 pub mod limits;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, MetricsRoute};
 use crate::config::ServeArgs;
+use crate::connections::{self, ConnectionConfig};
 use crate::engine::ModelSource;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::limits::KeyRing;
@@ -62,6 +63,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     tracing::info!(%addr, ?metrics_addr, "listening; loading model");
 
     let drain_timeout = args.drain_timeout();
+    let connection_config = args.connections();
     let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let loader_state = state.clone();
     tokio::spawn(async move {
@@ -78,16 +80,35 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
 
     let metrics_task = metrics_listener.map(|l| {
         let router = api::metrics_router(state.clone());
-        tokio::spawn(async move { axum::serve(l, router).await })
+        let (config, metrics) = (connection_config.clone(), metrics.clone());
+        tokio::spawn(connections::serve(
+            l,
+            router,
+            config,
+            metrics,
+            std::future::pending(),
+        ))
     });
     let metrics_route = match metrics_task {
         Some(_) => MetricsRoute::Separate,
         None => MetricsRoute::Included,
     };
     let router = api::router(state.clone(), metrics_route);
+    let state_for_server = state.clone();
     let task = tokio::spawn(async move {
-        let result =
-            serve_until_drained(listener, router, lifecycle, drain_timeout, load_failed_rx).await;
+        let result = serve_until_drained(
+            listener,
+            router,
+            Serving {
+                state: state_for_server,
+                connections: connection_config,
+                metrics,
+                lifecycle,
+                drain_timeout,
+            },
+            load_failed_rx,
+        )
+        .await;
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -131,23 +152,40 @@ fn log_auth(keys: &KeyRing) {
     }
 }
 
+struct Serving {
+    state: AppState,
+    connections: ConnectionConfig,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+    drain_timeout: Duration,
+}
+
 /// Serve until a shutdown is asked for, drain, then stop. A drain that times out leaves its
 /// connections open; they are closed after a short grace rather than waited for.
 async fn serve_until_drained(
     listener: TcpListener,
     router: axum::Router,
-    lifecycle: Arc<Lifecycle>,
-    drain_timeout: Duration,
+    serving: Serving,
     load_failed: tokio::sync::oneshot::Receiver<anyhow::Error>,
 ) -> anyhow::Result<()> {
     const CLOSE_GRACE: Duration = Duration::from_secs(2);
+    let Serving {
+        state,
+        connections: config,
+        metrics,
+        lifecycle,
+        drain_timeout,
+    } = serving;
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    // New connections are still accepted while draining, so that late clients get a 503 with
+    // `Retry-After` instead of a refused connection; accepting stops once the drain is done.
     let graceful = async move {
         shutdown_signal(&lifecycle).await;
         lifecycle.drain(drain_timeout).await;
         let _ = drained_tx.send(());
     };
-    let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
+    let server = connections::serve(listener, router, config, metrics, graceful);
+    let engine_failed = engine_failure(state);
     let closed_after_drain = async {
         match drained_rx.await {
             Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
@@ -155,12 +193,31 @@ async fn serve_until_drained(
         }
     };
     tokio::select! {
-        served = server => Ok(served?),
+        () = server => Ok(()),
         () = closed_after_drain => {
             tracing::warn!("connections still open after the drain; closing them");
             Ok(())
         }
         Ok(err) = load_failed => Err(err.context("loading the model failed")),
+        why = engine_failed => {
+            // Requests already waiting on the engine have failed with 500s; give their
+            // answers a moment to be written, then exit non-zero for a restart.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Err(anyhow::anyhow!("{why}; exiting so that the process is restarted"))
+        }
+    }
+}
+
+/// Resolves with the reason once the engine can no longer generate. Polled: it is a rare event
+/// and a quarter second to notice it is nothing next to a restart.
+async fn engine_failure(state: AppState) -> String {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if let Some(why) = state.extractor().and_then(|e| e.engine().failure()) {
+            tracing::error!(error = %why, "the inference engine stopped");
+            return why;
+        }
     }
 }
 
@@ -172,7 +229,8 @@ async fn load(
     let engine = crate::engine::load(args.engine, source, &args.mistral(), &args.native()).await?;
     let engine = MeteredEngine::wrap(engine, metrics.clone());
     metrics.watch_engine(engine.clone());
-    let extractor = Extractor::new(engine, args.pipeline())?;
+    let mut extractor = Extractor::new(engine, args.pipeline())?;
+    extractor.fit_to_context().await?;
     Ok(Arc::new(extractor))
 }
 

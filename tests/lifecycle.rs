@@ -14,6 +14,9 @@ use common::{base_args, metric, set_flag, tiny_model_dir};
 use memex::limits::KeyHash;
 use serde_json::{json, Value};
 
+/// The secret logged key hashes are computed under.
+const HASH_SECRET: &str = "lifecycle-hash-secret";
+
 /// A `memex serve` child process and everything it printed.
 struct Server {
     child: Child,
@@ -36,6 +39,7 @@ impl Server {
         let mut child = cmd
             .env("RUST_LOG", "info,mistralrs_core=warn,mistralrs=warn")
             .env_remove("MEMEX_API_KEY")
+            .env("MEMEX_KEY_HASH_SECRET", HASH_SECRET)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -266,7 +270,7 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
     assert_eq!(ok.len(), 4, "{requests:?}");
     for line in ok {
         let f = &line["fields"];
-        assert_eq!(f["key_hash"], KeyHash::of(KEY).as_str());
+        assert_eq!(f["key_hash"], KeyHash::of(HASH_SECRET, KEY).as_str());
         assert_eq!(f["code"], "0");
         assert_eq!(f["request_id"].as_str().unwrap().len(), 36);
         for field in [

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::openapi::Spec;
 use common::{
     base_args, dialogue_of_tokens, get, header_f64, metric, post, post_with_auth, scrape, server,
-    spawn, spawn_with_keys, tiny_model_dir, Answer, TEST_KEY,
+    set_flag, spawn, spawn_with_keys, tiny_model_dir, Answer, TEST_KEY,
 };
 use serde_json::{json, Value};
 
@@ -94,8 +94,10 @@ rate-b rps=0.2 burst=2 tpm=0
 # quota: 100 input tokens a minute, no request-rate limit
 quota-a rps=0 tpm=100
 quota-b rps=0 tpm=100
-# one request in total, 50 tokens: what the too-long test must not use up
-strict rps=0.001 burst=1 tpm=50
+# two requests, then one per 1,000 s; 60 tokens a minute: what a too-long request must not use up
+strict rps=0.001 burst=2 tpm=60
+# two requests, then one per 1,000 s: invalid requests use them up too
+invalid-a rps=0.001 burst=2 tpm=0
 ";
 
 /// One server for the limit tests: limits are per key, so the tests do not disturb each other.
@@ -165,30 +167,81 @@ async fn token_quota_is_per_key_and_says_when_to_retry() {
     let never = post(&s.base, EXTRACT, Some("quota-b"), memory_request(150)).await;
     assert_error(&never, 429, 40301);
     let msg = never.2["message"].as_str().unwrap();
-    assert!(msg.contains("150") && msg.contains("100"), "{msg}");
+    assert!(msg.contains("whole quota of 100"), "{msg}");
     let text = scrape(s).await;
     assert!(metric(&text, "memex_rejections_total{reason=\"quota\"}").unwrap() >= 2.0);
 }
 
 #[tokio::test]
-async fn too_long_input_is_refused_before_any_limit_counts_it() {
+async fn too_long_input_takes_a_request_cell_but_no_quota() {
     let s = limits_server();
     let spec = Spec::fetch(&s.base).await;
-    // `strict` has one request and 50 tokens in total. Over-long requests must take neither.
-    for _ in 0..3 {
-        let answer = post(&s.base, EXTRACT, Some("strict"), memory_request(301)).await;
-        assert_error(&answer, 413, 40305);
-        let msg = answer.2["message"].as_str().unwrap();
-        assert!(msg.contains("301") && msg.contains("300"), "{msg}");
-        spec.check(EXTRACT, "post", answer.0, &answer.1, &answer.2);
-    }
+    // `strict` has two requests and 60 tokens a minute. An over-long request (its framing
+    // counted too) takes a request cell, never tokens.
+    let answer = post(&s.base, EXTRACT, Some("strict"), memory_request(300)).await;
+    assert_error(&answer, 413, 40305);
+    let msg = answer.2["message"].as_str().unwrap();
+    assert!(msg.contains("limit of 300"), "{msg}");
+    spec.check(EXTRACT, "post", answer.0, &answer.1, &answer.2);
+    // 40 tokens and their framing: within the 60 tokens, which the 413 did not touch.
     let ok = post(&s.base, EXTRACT, Some("strict"), memory_request(40)).await;
     assert_eq!(ok.0, 200, "{}", ok.2);
-    // And now the one request is used up.
+    // And now both requests are used up.
     let limited = post(&s.base, EXTRACT, Some("strict"), memory_request(5)).await;
     assert_error(&limited, 429, 40300);
     let text = scrape(s).await;
-    assert!(metric(&text, "memex_rejections_total{reason=\"too_long\"}").unwrap() >= 3.0);
+    assert!(metric(&text, "memex_rejections_total{reason=\"too_long\"}").unwrap() >= 1.0);
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rate_limited_like_any_other() {
+    let s = limits_server();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let answer = post(&s.base, EXTRACT, Some("invalid-a"), b"{not json".to_vec()).await;
+        statuses.push((answer.0, answer.2["code"].as_u64().unwrap()));
+    }
+    assert_eq!(
+        statuses,
+        [
+            (400, 40000),
+            (400, 40000),
+            (429, 40300),
+            (429, 40300),
+            (429, 40300)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn refusals_for_overload_charge_neither_the_rate_nor_the_quota() {
+    let mut args = base_args(&tiny_model_dir());
+    set_flag(&mut args, "--max-items", "6");
+    set_flag(&mut args, "--max-text-chars", "120");
+    args.extend(["--max-concurrent", "1", "--max-queue", "0"].map(String::from));
+    // `retry` may send two requests (then one per 1,000 s) and 100 tokens a minute: without
+    // refunds, two 503s would use up both.
+    let s = spawn_with_keys(args, "busy rps=0 tpm=0\nretry rps=0.001 burst=2 tpm=100\n");
+    // One long generation holds the only slot.
+    let base = s.base.clone();
+    let busy =
+        tokio::spawn(async move { post(&base, EXTRACT, Some("busy"), memory_request(30)).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&scrape(&s).await, "memex_in_flight_requests") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the slot was never taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..4 {
+        let answer = post(&s.base, EXTRACT, Some("retry"), memory_request(60)).await;
+        if busy.is_finished() {
+            break;
+        }
+        assert_error(&answer, 503, 50004);
+    }
+    assert_eq!(busy.await.unwrap().0, 200);
+    // Both request cells and the whole minute's tokens are still there.
+    let ok = post(&s.base, EXTRACT, Some("retry"), memory_request(60)).await;
+    assert_eq!(ok.0, 200, "{}", ok.2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,11 +550,11 @@ fn qwen3_dialogue(tok: &tokenizers::Tokenizer, n: usize) -> Value {
 }
 
 #[tokio::test]
-async fn qwen3_tokenizer_7990_tokens_pass_and_8010_fail() {
+async fn qwen3_tokenizer_input_limit_is_8000_with_framing_counted() {
     let Some(tokenizer_dir) = qwen3_tokenizer_dir() else {
         eprintln!(
-            "SKIPPED qwen3_tokenizer_7990_tokens_pass_and_8010_fail: the Qwen3 tokenizer is not in \
-             .cache/models/qwen3-tokenizer; run `scripts/fetch-models.sh --qwen3-tokenizer` (CI does)"
+            "SKIPPED qwen3_tokenizer_input_limit_is_8000_with_framing_counted: the Qwen3 tokenizer \
+             is not in .cache/models/qwen3-tokenizer; run `scripts/fetch-models.sh --qwen3-tokenizer` (CI does)"
         );
         return;
     };
@@ -513,14 +566,57 @@ async fn qwen3_tokenizer_7990_tokens_pass_and_8010_fail() {
     args.push("--no-auth".into());
     let s = spawn(args);
 
+    // 8,010 tokens of contents: over, and the count includes each message's framing.
     let over = json!({"messages": qwen3_dialogue(&tok, 8010), "extraction_types": ["preference"]});
     let answer = post(&s.base, EXTRACT, None, serde_json::to_vec(&over).unwrap()).await;
     assert_error(&answer, 413, 40305);
     let msg = answer.2["message"].as_str().unwrap();
-    assert!(msg.contains("8010") && msg.contains("8000"), "{msg}");
+    assert!(msg.contains("limit of 8000"), "{msg}");
+    let counted: usize = msg.split_whitespace().find_map(|w| w.parse().ok()).unwrap();
+    let framing = counted - 8010;
+    assert!(framing > 0, "{msg}");
 
-    let under = json!({"messages": qwen3_dialogue(&tok, 7990), "extraction_types": ["preference"]});
+    // The same dialogue shape, its contents shortened by the framing: within the limit.
+    let target = 8000 - framing - 10;
+    let under =
+        json!({"messages": qwen3_dialogue(&tok, target), "extraction_types": ["preference"]});
     let answer = post(&s.base, EXTRACT, None, serde_json::to_vec(&under).unwrap()).await;
     assert_eq!(answer.0, 200, "{}", answer.2);
-    assert_eq!(answer.1["x-input-tokens"], "7990");
+    let input: usize = answer.1["x-input-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((7950..=8000).contains(&input), "x-input-tokens {input}");
+}
+
+#[tokio::test]
+async fn a_small_context_lowers_the_input_limit_so_near_limit_input_is_413_not_500() {
+    // A 2 MiB KV pool on the tiny model holds 4,096 positions: less than the prompts'
+    // instructions, an 8,000-token dialogue and the longest answer together.
+    let mut args = base_args(&tiny_model_dir());
+    args.extend(
+        [
+            "--no-auth",
+            "--kv-cache-mb",
+            "2",
+            "--max-input-tokens",
+            "8000",
+        ]
+        .map(String::from),
+    );
+    let s = spawn(args);
+    let over = post(&s.base, EXTRACT, None, memory_request(3000)).await;
+    assert_error(&over, 413, 40305);
+    let msg = over.2["message"].as_str().unwrap();
+    let limit: usize = msg
+        .rsplit("limit of ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no limit in {msg}"));
+    assert!((500..3000).contains(&limit), "lowered to {limit}: {msg}");
+    // Just under the lowered limit: answered, because the whole prompt and answer fit.
+    let near = post(&s.base, EXTRACT, None, memory_request(limit - 40)).await;
+    assert_eq!(near.0, 200, "{}", near.2);
 }

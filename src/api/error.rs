@@ -2,7 +2,12 @@
 //!
 //! Lower layers have their own error enums; they are converted here, once, at the HTTP edge.
 //! Messages are for people: they say what to change, and never carry an internal path or a
-//! backtrace (500s say which stage failed, not how).
+//! backtrace (500s say which stage failed, not how). A message that quotes client input (a
+//! parser's "invalid type: string ..." can quote a whole field) is cut to its first
+//! [`MESSAGE_HEAD`] and last [`MESSAGE_TAIL`] characters, in the response and in the log line.
+//!
+//! The statuses HTTP itself needs (404, 405, 408, 415) carry the contract's generic client-error
+//! code 40000, so a client that handles 40000 handles them.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,8 +29,27 @@ pub enum ApiError {
     EmptyInput(String),
     #[error("input has {counted} tokens, over the limit of {limit} tokens")]
     TooManyTokens { counted: usize, limit: usize },
+    /// A branch's prompt plus its longest possible answer does not fit the model's context.
+    #[error(
+        "the {branch} prompt of {prompt} tokens plus its longest possible answer of {output} \
+         tokens does not fit the model's context of {context} tokens; send a shorter dialogue"
+    )]
+    PromptTooLong {
+        branch: String,
+        prompt: usize,
+        output: usize,
+        context: usize,
+    },
     #[error("request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within the body-read timeout of {seconds} s")]
+    BodyTimeout { seconds: f64 },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("no such route: see /openapi.json for the API")]
+    NotFound,
+    #[error("method not allowed on this route: see /openapi.json for the API")]
+    MethodNotAllowed,
     /// Missing, malformed (40100) or unknown (40132) API key.
     #[error("{0}")]
     Unauthorized(AuthError),
@@ -52,8 +76,14 @@ impl ApiError {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, 40000),
             Self::EmptyInput(_) => (StatusCode::BAD_REQUEST, 40002),
-            Self::TooManyTokens { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 40305),
+            Self::TooManyTokens { .. } | Self::PromptTooLong { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, 40305)
+            }
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 40000),
+            Self::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, 40000),
+            Self::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, 40000),
+            Self::NotFound => (StatusCode::NOT_FOUND, 40000),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 40000),
             Self::Unauthorized(AuthError::Missing | AuthError::Malformed) => {
                 (StatusCode::UNAUTHORIZED, 40100)
             }
@@ -74,8 +104,15 @@ impl ApiError {
     /// The `reason` of `memex_rejections_total`; `None` for failures of the server itself.
     pub fn rejection(&self) -> Option<Rejection> {
         Some(match self {
-            Self::InvalidRequest(_) | Self::EmptyInput(_) => Rejection::Invalid,
-            Self::TooManyTokens { .. } | Self::BodyTooLarge { .. } => Rejection::TooLong,
+            Self::InvalidRequest(_)
+            | Self::EmptyInput(_)
+            | Self::BodyTimeout { .. }
+            | Self::UnsupportedMediaType
+            | Self::NotFound
+            | Self::MethodNotAllowed => Rejection::Invalid,
+            Self::TooManyTokens { .. } | Self::PromptTooLong { .. } | Self::BodyTooLarge { .. } => {
+                Rejection::TooLong
+            }
             Self::Unauthorized(_) => Rejection::Auth,
             Self::RateLimited(RateError::Requests { .. }) => Rejection::Rate,
             Self::RateLimited(_) => Rejection::Quota,
@@ -123,10 +160,23 @@ impl From<PipelineError> for ApiError {
             PipelineError::NoMessages | PipelineError::EmptyContent { .. } => {
                 Self::EmptyInput(e.to_string())
             }
-            PipelineError::NoExtractionTypes => Self::InvalidRequest(e.to_string()),
+            PipelineError::NoExtractionTypes | PipelineError::BadChatTime { .. } => {
+                Self::InvalidRequest(e.to_string())
+            }
             PipelineError::TooManyTokens { counted, limit } => {
                 Self::TooManyTokens { counted, limit }
             }
+            PipelineError::PromptTooLong {
+                branch,
+                prompt,
+                output,
+                context,
+            } => Self::PromptTooLong {
+                branch: branch.to_string(),
+                prompt,
+                output,
+                context,
+            },
             PipelineError::Branch { branch, reason } => Self::ExtractionFailed {
                 branch: branch.to_string(),
                 reason,
@@ -136,14 +186,30 @@ impl From<PipelineError> for ApiError {
     }
 }
 
+/// Characters of a long message kept from its start and from its end.
+pub const MESSAGE_HEAD: usize = 200;
+pub const MESSAGE_TAIL: usize = 80;
+
+/// `message`, or its head and tail around a note of what was cut when it is long.
+pub fn bounded(message: String) -> String {
+    let chars = message.chars().count();
+    if chars <= MESSAGE_HEAD + MESSAGE_TAIL + 40 {
+        return message;
+    }
+    let head: String = message.chars().take(MESSAGE_HEAD).collect();
+    let tail: String = message.chars().skip(chars - MESSAGE_TAIL).collect();
+    let cut = chars - MESSAGE_HEAD - MESSAGE_TAIL;
+    format!("{head}… ({cut} characters cut) …{tail}")
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let message = bounded(self.to_string());
         // 503s are load shedding, already counted as rejections; only real failures are errors.
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(code, error = %self, "request failed");
+            tracing::error!(code, error = %message, "request failed");
         }
-        let message = self.to_string();
         let body = Envelope::<ExtractData> {
             code,
             message: message.clone(),
@@ -182,6 +248,20 @@ mod tests {
                 40305,
             ),
             (ApiError::BodyTooLarge { limit: 10 }, 413, 40000),
+            (ApiError::BodyTimeout { seconds: 1.0 }, 408, 40000),
+            (ApiError::UnsupportedMediaType, 415, 40000),
+            (ApiError::NotFound, 404, 40000),
+            (ApiError::MethodNotAllowed, 405, 40000),
+            (
+                ApiError::PromptTooLong {
+                    branch: "memory".into(),
+                    prompt: 8000,
+                    output: 900,
+                    context: 8192,
+                },
+                413,
+                40305,
+            ),
             (
                 ApiError::Unavailable {
                     reason: "loading".into(),
@@ -251,6 +331,21 @@ mod tests {
                 .unwrap();
             assert!(secs >= 1);
         }
+    }
+
+    #[test]
+    fn long_messages_are_cut_in_the_middle() {
+        let quoted = "x".repeat(500_000);
+        let msg = bounded(format!(
+            "messages: invalid type: string \"{quoted}\", expected a sequence"
+        ));
+        assert!(msg.chars().count() < 400, "{}", msg.len());
+        assert!(msg.starts_with("messages: invalid type: string"));
+        assert!(msg.ends_with("expected a sequence"));
+        assert_eq!(bounded("short".into()), "short");
+        // Cut on characters, never inside one.
+        let wide = bounded("界".repeat(1000));
+        assert!(wide.contains("characters cut"));
     }
 
     #[test]

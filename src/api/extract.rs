@@ -1,15 +1,19 @@
 //! `POST /extract/memory` (also under the hosted prefix `/api/openmem/v1`).
 //!
-//! The stages run in the order of `crate::limits`: key → body → readiness → input checks and the
-//! token count → request rate → token quota → a generation slot → the pipeline. Each stage that
-//! turns a request away does so before the next one counts or holds anything for it.
+//! The stages run in the order of `crate::limits`: key → request rate → content type → body →
+//! readiness → input checks and the token count → token quota → a generation slot → the
+//! pipeline. The key is checked from the request head alone, before a byte of the body is read
+//! (so no `100 Continue` goes to a client without a key, and an unauthenticated client cannot
+//! make the server buffer a body). The request cell is taken as soon as the key is known, so
+//! invalid requests count against the key's rate like any other; a 503 (not ready, draining,
+//! full) gives back the request cell and the tokens, since the server, not the client, turned the
+//! request away.
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
@@ -38,7 +42,9 @@ use crate::telemetry::http::RequestRecord;
             )),
         (status = 400, description = "40000: not JSON, wrong types, unknown role, non-text content, unknown or empty extraction_types. 40002: messages missing or empty, or a message empty after trimming", body = crate::api::openapi::ErrorResponse),
         (status = 401, description = "40100: no `Authorization: Token <key>` header, or a malformed one. 40132: unknown key", body = crate::api::openapi::ErrorResponse),
-        (status = 413, description = "40305: input over the token limit (the message gives the count and the limit). 40000: body over the byte limit", body = crate::api::openapi::ErrorResponse),
+        (status = 408, description = "40000: the body did not arrive within the body-read timeout", body = crate::api::openapi::ErrorResponse),
+        (status = 413, description = "40305: input over the token limit, or a prompt that with its longest possible answer does not fit the model's context (the message gives the counts and the limit). 40000: body over the byte limit", body = crate::api::openapi::ErrorResponse),
+        (status = 415, description = "40000: Content-Type is not application/json", body = crate::api::openapi::ErrorResponse),
         (status = 429, description = "40300: the key's request rate exceeded. 40301: the key's input-token quota exceeded", body = crate::api::openapi::ErrorResponse,
             headers(("retry-after" = u64, description = "Whole seconds to wait"))),
         (status = 500, description = "50000: an extraction branch failed even after its retry (the branch is named)", body = crate::api::openapi::ErrorResponse),
@@ -50,7 +56,7 @@ pub async fn extract_memory(
     State(state): State<AppState>,
     record: Option<Extension<RequestRecord>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     // Counted from arrival, so a drain waits for requests still being checked, too.
     let _accepted = state.lifecycle().track();
@@ -65,24 +71,21 @@ async fn handle(
     state: &AppState,
     record: &RequestRecord,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    // From the head alone: the body is not touched until the key and its rate are known.
     let caller = state
         .keys()
         .authenticate(headers.get(header::AUTHORIZATION))?;
     record.update(|f| f.key_hash = Some(caller.key_hash.clone()));
+    caller.limiter.check_request()?;
 
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BodyTooLarge {
-                limit: state.http().max_body_bytes,
-            }
-        } else {
-            ApiError::InvalidRequest(rejection.body_text())
-        }
+    require_json(headers)?;
+    let body = read_body(state, headers, body).await?;
+    let request = parse(body).await?;
+    let extractor = state.ready_extractor().inspect_err(|_| {
+        caller.limiter.refund_request();
     })?;
-    let request = ExtractRequest::from_json(&body)?;
-    let extractor = state.ready_extractor()?;
     let prepared = extractor
         .prepare(ExtractInput {
             messages: request.messages,
@@ -92,10 +95,12 @@ async fn handle(
     let input_tokens = prepared.input_tokens;
     record.update(|f| f.input_tokens = Some(input_tokens));
 
-    caller.limiter.check_request()?;
     caller.limiter.charge_tokens(input_tokens)?;
 
-    let permit = state.admission().admit().await?;
+    let permit = state.admission().admit().await.inspect_err(|_| {
+        caller.limiter.refund_request();
+        caller.limiter.refund_tokens(input_tokens);
+    })?;
     let metrics = state.metrics();
     metrics.queue_wait.observe(permit.queue_time.as_secs_f64());
     metrics.input_tokens.inc_by(input_tokens as u64);
@@ -113,6 +118,70 @@ async fn handle(
     let queue_time = permit.queue_time;
     drop(permit);
     Ok(success(state, record, extraction, queue_time))
+}
+
+/// `Content-Type: application/json` (parameters such as `charset` allowed). Anything else is
+/// refused: a `text/plain` body is a "simple" cross-site request a web page may send without
+/// asking, so with `--no-auth` on an open port any page could otherwise drive the server.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+        .unwrap_or("");
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// The whole body, at most `--max-body-bytes`, within `--body-read-timeout` from the first read.
+/// A declared length over the limit is refused before reading.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    use futures::StreamExt;
+    let config = state.http();
+    let limit = config.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| {
+                ApiError::InvalidRequest("the request body could not be read".into())
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::BodyTooLarge { limit });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(config.body_read_timeout, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            seconds: config.body_read_timeout.as_secs_f64(),
+        })?
+}
+
+/// Bodies above this are parsed on a blocking thread: parsing a 1 MiB body takes milliseconds,
+/// which would stall every other request on that async worker.
+const PARSE_INLINE_BYTES: usize = 16 << 10;
+
+async fn parse(body: Bytes) -> Result<ExtractRequest, ApiError> {
+    if body.len() <= PARSE_INLINE_BYTES {
+        return ExtractRequest::from_json(&body);
+    }
+    tokio::task::spawn_blocking(move || ExtractRequest::from_json(&body))
+        .await
+        .map_err(|e| ApiError::Internal(format!("parsing the body: {e}")))?
 }
 
 fn success(

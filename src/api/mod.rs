@@ -13,7 +13,7 @@ pub mod types;
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -29,12 +29,15 @@ use error::ApiError;
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub max_body_bytes: usize,
+    /// Bound on reading a whole request body, from the handler's first read (then 408).
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
+            body_read_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -91,6 +94,11 @@ impl AppState {
     pub fn ready_extractor(&self) -> Result<&Arc<Extractor>, ApiError> {
         let (reason, retry_after_secs) = match self.inner.lifecycle.phase() {
             Phase::Ready => match self.extractor() {
+                // A dead engine answers nothing: red, so that no more traffic is sent (the
+                // server exits for a restart, see `server`).
+                Some(extractor) if extractor.engine().failure().is_some() => {
+                    ("the inference engine stopped", 5)
+                }
                 Some(extractor) => return Ok(extractor),
                 None => ("the model is still loading", 5),
             },
@@ -136,7 +144,6 @@ pub enum MetricsRoute {
 }
 
 pub fn router(state: AppState, metrics: MetricsRoute) -> Router {
-    let limit = state.http().max_body_bytes;
     let mut router = Router::new()
         .route("/extract/memory", post(extract::extract_memory))
         .route(
@@ -150,7 +157,7 @@ pub fn router(state: AppState, metrics: MetricsRoute) -> Router {
     if metrics == MetricsRoute::Included {
         router = router.route("/metrics", get(metrics_text));
     }
-    observed(router.layer(DefaultBodyLimit::max(limit)), state)
+    observed(router, state)
 }
 
 /// Only `/metrics`, for a separate, private port.
@@ -158,8 +165,11 @@ pub fn metrics_router(state: AppState) -> Router {
     observed(Router::new().route("/metrics", get(metrics_text)), state)
 }
 
+/// Unknown routes and methods get the envelope like every other answer (405 keeps `Allow`).
 fn observed(router: Router<AppState>, state: AppState) -> Router {
     router
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { ApiError::NotFound })
         .layer(axum::middleware::from_fn_with_state(
             state.metrics().clone(),
             observe,

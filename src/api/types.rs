@@ -2,8 +2,18 @@
 //!
 //! Requests are parsed by [`ExtractRequest::from_json`] rather than by an extractor, so that every
 //! way a body can be wrong maps to the contract's codes with a message that names the field.
+//!
+//! Parsing goes straight from the bytes into the typed request (no `serde_json::Value` tree,
+//! which costs about 20 times the body), and is strict where leniency would let two readers see
+//! two different requests: a key given twice is an error (a proxy that keeps the first and memex
+//! keeping the last would disagree), and the request and every message must be JSON objects
+//! (serde would otherwise take `["user","hi"]` as a message, field by position).
 
-use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use crate::api::error::ApiError;
@@ -37,7 +47,7 @@ pub enum ExtractionType {
 
 /// The request body. Unknown top-level fields are ignored (clients add fields over time); `null`
 /// means the same as absent (the official SDK sends `"model": null`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, ToSchema)]
 pub struct ExtractRequest {
     #[serde(default)]
     pub messages: Option<Vec<WireMessage>>,
@@ -49,17 +59,89 @@ pub struct ExtractRequest {
 
 impl ExtractRequest {
     pub fn from_json(body: &[u8]) -> Result<Self, ApiError> {
-        let value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
-        if !value.is_object() {
-            return Err(ApiError::InvalidRequest(
-                "body must be a JSON object with a `messages` array".into(),
-            ));
-        }
-        serde_path_to_error::deserialize(value).map_err(|e| {
+        let not_json =
+            |e: serde_json::Error| ApiError::InvalidRequest(format!("body is not valid JSON: {e}"));
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let request: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            ApiError::InvalidRequest(format!("{path}: {}", e.into_inner()))
-        })
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                not_json(inner)
+            } else if path == "." {
+                ApiError::InvalidRequest(format!("body: {inner}"))
+            } else {
+                ApiError::InvalidRequest(format!("{path}: {inner}"))
+            }
+        })?;
+        de.end().map_err(not_json)?;
+        Ok(request)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExtractRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RequestVisitor)
+    }
+}
+
+struct RequestVisitor;
+
+impl<'de> Visitor<'de> for RequestVisitor {
+    type Value = ExtractRequest;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object with a `messages` array")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ExtractRequest, A::Error> {
+        let mut request = ExtractRequest {
+            messages: None,
+            extraction_types: None,
+            model: None,
+        };
+        // Every key, the ignored ones too: their count is bounded by the body limit.
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format_args!(
+                    "the key {key:?} is given twice"
+                )));
+            }
+            match key.as_str() {
+                "messages" => {
+                    request.messages = map
+                        .next_value::<Option<Vec<MessageObject>>>()?
+                        .map(|m| m.into_iter().map(|m| m.0).collect())
+                }
+                "extraction_types" => request.extraction_types = map.next_value()?,
+                "model" => request.model = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// A [`WireMessage`] that must be written as a JSON object. Its fields are then read by the
+/// derived (strict: unknown fields and repeated fields are errors) deserializer.
+struct MessageObject(WireMessage);
+
+impl<'de> Deserialize<'de> for MessageObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectOnly;
+        impl<'de> Visitor<'de> for ObjectOnly {
+            type Value = MessageObject;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message object with `role` and `content`")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MessageObject, A::Error> {
+                WireMessage::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(MessageObject)
+            }
+        }
+        d.deserialize_map(ObjectOnly)
     }
 }
 
@@ -150,13 +232,44 @@ mod tests {
             r#"{"messages":[{"role":"user","content":"hi"}],"extraction_types":["skills"]}"#,
             r#"{"messages":"hello"}"#,
             r#"[1,2]"#,
+            r#"[[{"role":"user","content":"hi"}]]"#,
             r#"{"messages":[{"role":"user","content":"hi"}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}]} trailing"#,
+            // Positional arrays are not messages.
+            r#"{"messages":[["user","hi","2025-01-01"]]}"#,
+            r#"{"messages":[["user","hi"]]}"#,
+            // A key given twice: the last would win in a lenient parser, the first in another.
+            r#"{"messages":[{"role":"user","content":"hi"}],"messages":[]}"#,
+            r#"{"messages":[{"role":"user","content":"hi","content":"bye"}]}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}],"user_id":"a","user_id":"b"}"#,
+            r#"{"messages":[{"role":"user","role":"system","content":"hi"}]}"#,
+            "",
+            "null",
+            r#""messages""#,
         ] {
             assert!(
                 matches!(parse(body), Err(ApiError::InvalidRequest(_))),
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn errors_name_the_field_and_what_was_wrong() {
+        let msg = |body: &str| match parse(body) {
+            Err(ApiError::InvalidRequest(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let m = msg(r#"{"messages":[["user","hi"]]}"#);
+        assert!(
+            m.contains("messages[0]") && m.contains("message object"),
+            "{m}"
+        );
+        let m = msg(r#"{"messages":[{"role":"user","content":"a"}],"messages":null}"#);
+        assert!(m.contains("\"messages\"") && m.contains("twice"), "{m}");
+        let m = msg("[1]");
+        assert!(m.starts_with("body:") && m.contains("JSON object"), "{m}");
+        assert!(msg("{").contains("not valid JSON"));
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub async fn load(
     })
 }
 
+/// Allowance per message for chat-template framing where an engine cannot count it exactly
+/// (`<|im_start|>role\n` ... `<|im_end|>\n` is five tokens in ChatML).
+pub const TEMPLATE_TOKENS_PER_MESSAGE: usize = 8;
+
 /// A chat message handed to the model's own chat template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptMessage {
@@ -158,6 +162,24 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Count tokens of `text` with the served model's own tokenizer (no special tokens added).
     async fn count_tokens(&self, text: String) -> Result<usize, EngineError>;
+
+    /// Tokens of the whole prompt `generate` would run for these messages: chat template
+    /// included, encoded as `generate` encodes it. Engines that do not render the template
+    /// themselves count the contents plus [`TEMPLATE_TOKENS_PER_MESSAGE`] per message (and one
+    /// more for the assistant's opening): enough for ChatML-style templates.
+    async fn count_prompt(&self, messages: Vec<PromptMessage>) -> Result<usize, EngineError> {
+        let mut total = TEMPLATE_TOKENS_PER_MESSAGE;
+        for m in messages {
+            total += self.count_tokens(m.content).await? + TEMPLATE_TOKENS_PER_MESSAGE;
+        }
+        Ok(total)
+    }
+
+    /// Why the engine can no longer generate (its worker ended), or `None` while it can.
+    /// Readiness turns red on it and the server exits non-zero.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 
     fn info(&self) -> &ModelInfo;
 

@@ -3,8 +3,14 @@
 //! Keys come from a key file (one per line, each with optional limits) and/or `MEMEX_API_KEY`.
 //! Only their SHA-256 digests are kept. A presented key is hashed and compared with every known
 //! digest in constant time, so neither the time taken nor an early exit tells an attacker how much
-//! of a key was right, or which key was close. Logs and metrics name a caller by a short prefix
-//! of that digest ([`KeyHash`]), never by the key.
+//! of a key was right, or which key was close.
+//!
+//! Logs name a caller by [`KeyHash`]: the first 12 hex digits of HMAC-SHA256 of the key under a
+//! per-deployment secret (`--key-hash-secret` / `MEMEX_KEY_HASH_SECRET`), never by the key. An
+//! unkeyed digest in a log would let anyone holding the log confirm a guessed weak key offline;
+//! with the secret they cannot. Without a configured secret a random one is drawn at start: the
+//! hashes are then stable only for the life of the process (set the secret to compare logs
+//! across restarts and replicas). Metrics never name a caller.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -30,7 +36,7 @@ impl SecretKey {
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "<redacted key {}>", KeyHash::of(&self.0))
+        f.write_str("<redacted>")
     }
 }
 
@@ -45,14 +51,16 @@ impl FromStr for SecretKey {
     }
 }
 
-/// The first 12 hex digits of a key's SHA-256: enough to tell keys apart in logs, useless for
-/// recovering the key.
+/// The first 12 hex digits of a key's HMAC-SHA256 under the deployment's secret: enough to tell
+/// keys apart in logs, useless for recovering or confirming a key without the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyHash(String);
 
 impl KeyHash {
-    pub fn of(key: &str) -> Self {
-        Self::from_digest(&digest(key))
+    /// The hash of `key` under `secret` (what a deployment with `MEMEX_KEY_HASH_SECRET=secret`
+    /// logs for it).
+    pub fn of(secret: &str, key: &str) -> Self {
+        KeyHasher::new(Some(secret)).hash(key)
     }
 
     fn from_digest(d: &[u8; 32]) -> Self {
@@ -77,6 +85,49 @@ impl fmt::Display for KeyHash {
 
 fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// Computes [`KeyHash`]es under one secret.
+#[derive(Clone)]
+pub struct KeyHasher {
+    secret: Vec<u8>,
+}
+
+impl KeyHasher {
+    /// Under `secret`, or under 32 random bytes drawn now when there is none.
+    pub fn new(secret: Option<&str>) -> Self {
+        let secret = match secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => {
+                // Two v4 UUIDs: 244 bits from the operating system's generator.
+                let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+                [a.as_bytes().as_slice(), b.as_bytes().as_slice()].concat()
+            }
+        };
+        Self { secret }
+    }
+
+    pub fn hash(&self, key: &str) -> KeyHash {
+        KeyHash::from_digest(&hmac_sha256(&self.secret, key.as_bytes()))
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104): H((K ^ opad) || H((K ^ ipad) || message)), K padded to the block.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(message);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
 }
 
 /// An authenticated caller: who it is (for logs) and its own limiters.
@@ -121,6 +172,8 @@ pub struct AuthConfig {
     pub keys: Vec<SecretKey>,
     /// Limits of keys that set none of their own.
     pub defaults: RateLimits,
+    /// The secret key hashes in logs are computed under; random per process when `None`.
+    pub hash_secret: Option<SecretKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,14 +219,14 @@ impl KeyRing {
         }
     }
 
-    pub fn new(specs: Vec<KeySpec>) -> Result<Self, KeySetupError> {
+    pub fn new(specs: Vec<KeySpec>, hasher: &KeyHasher) -> Result<Self, KeySetupError> {
         if specs.is_empty() {
             return Err(KeySetupError::NoKeys);
         }
         let mut entries: Vec<KeyEntry> = Vec::with_capacity(specs.len());
         for spec in specs {
             let d = digest(spec.key.expose());
-            let key_hash = KeyHash::from_digest(&d);
+            let key_hash = hasher.hash(spec.key.expose());
             if entries.iter().any(|e| e.digest == d) {
                 return Err(KeySetupError::Duplicate { hash: key_hash });
             }
@@ -199,6 +252,7 @@ impl KeyRing {
             }
             return Ok(Self::disabled());
         }
+        let hasher = KeyHasher::new(config.hash_secret.as_ref().map(SecretKey::expose));
         let mut specs = Vec::new();
         if let Some(path) = &config.key_file {
             let text = std::fs::read_to_string(path).map_err(|source| KeySetupError::Read {
@@ -213,7 +267,7 @@ impl KeyRing {
                 .iter()
                 .map(|k| KeySpec::new(k.clone(), config.defaults)),
         );
-        Self::new(specs)
+        Self::new(specs, &hasher)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -300,11 +354,8 @@ pub fn parse_key_file(
             let invalid = || bad(format!("`{field}`: not a valid number"));
             match name {
                 "rps" => {
-                    limits.requests_per_second = value
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|v| v.is_finite() && *v >= 0.0)
-                        .ok_or_else(invalid)?
+                    limits.requests_per_second = super::rate::parse_rps(value)
+                        .map_err(|why| bad(format!("`{field}`: {why}")))?
                 }
                 "burst" => limits.burst = value.parse().map_err(|_| invalid())?,
                 "tpm" => limits.tokens_per_minute = value.parse().map_err(|_| invalid())?,
@@ -330,8 +381,18 @@ mod tests {
         tokens_per_minute: 1000,
     };
 
+    const SECRET: &str = "deployment-secret";
+
+    fn hasher() -> KeyHasher {
+        KeyHasher::new(Some(SECRET))
+    }
+
     fn ring(text: &str) -> KeyRing {
-        KeyRing::new(parse_key_file(text, Path::new("keys"), &DEFAULTS).unwrap()).unwrap()
+        KeyRing::new(
+            parse_key_file(text, Path::new("keys"), &DEFAULTS).unwrap(),
+            &hasher(),
+        )
+        .unwrap()
     }
 
     fn header(s: &str) -> HeaderValue {
@@ -342,7 +403,7 @@ mod tests {
     fn known_keys_authenticate_with_their_own_limits() {
         let r = ring("# team A\nalpha-key rps=1 burst=2\n\n  beta-key tpm=50  \n");
         let a = r.authenticate(Some(&header("Token alpha-key"))).unwrap();
-        assert_eq!(a.key_hash, KeyHash::of("alpha-key"));
+        assert_eq!(a.key_hash, KeyHash::of(SECRET, "alpha-key"));
         assert_eq!(
             a.limiter.limits(),
             RateLimits {
@@ -399,11 +460,24 @@ mod tests {
             err.contains("colour") && !err.contains("secret-key"),
             "{err}"
         );
-        let dup = KeyRing::new(parse_key_file("k1\nk1", Path::new("k"), &DEFAULTS).unwrap())
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(!dup.contains("k1 ") && dup.contains(KeyHash::of("k1").as_str()));
+        let dup = KeyRing::new(
+            parse_key_file("k1\nk1", Path::new("k"), &DEFAULTS).unwrap(),
+            &hasher(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(!dup.contains("k1 ") && dup.contains(KeyHash::of(SECRET, "k1").as_str()));
+        for bad in ["rps=1e-300", "rps=inf", "rps=NaN", "rps=-1"] {
+            let err = parse_key_file(&format!("secret-key {bad}"), Path::new("k"), &DEFAULTS)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"))
+                .to_string();
+            assert!(
+                err.contains("line 1") && !err.contains("secret-key"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -413,6 +487,7 @@ mod tests {
             key_file: None,
             keys: vec![],
             defaults: DEFAULTS,
+            hash_secret: None,
         };
         assert!(matches!(KeyRing::load(&base), Err(KeySetupError::NoKeys)));
         let off = KeyRing::load(&AuthConfig {
@@ -447,6 +522,30 @@ mod tests {
         let k: SecretKey = "super-secret".parse().unwrap();
         let shown = format!("{k:?}");
         assert!(!shown.contains("super-secret"), "{shown}");
-        assert!(shown.contains(KeyHash::of("super-secret").as_str()));
+    }
+
+    #[test]
+    fn key_hashes_are_keyed() {
+        // RFC 4231, test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Not the unkeyed digest prefix, which would confirm a guessed key offline.
+        let unkeyed = KeyHash::from_digest(&digest("weak-key"));
+        assert_ne!(KeyHash::of(SECRET, "weak-key"), unkeyed);
+        assert_ne!(
+            KeyHash::of("other", "weak-key"),
+            KeyHash::of(SECRET, "weak-key")
+        );
+        // Stable under one secret; a random secret per process otherwise.
+        assert_eq!(hasher().hash("k"), hasher().hash("k"));
+        assert_ne!(
+            KeyHasher::new(None).hash("k"),
+            KeyHasher::new(None).hash("k")
+        );
+        assert_eq!(KeyHash::of(SECRET, "k").as_str().len(), 12);
     }
 }

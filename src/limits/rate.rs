@@ -2,15 +2,19 @@
 //!
 //! Every key owns its limiters, built once when the keys are loaded: keys are known up front, so
 //! there is no keyed map to grow, lock or evict, and one key exhausting its quota cannot touch
-//! another's. Both limits are GCRA (governor), which needs no timer task: a check is one atomic
-//! update and, when it fails, says exactly when the next cell conforms (our `Retry-After`).
+//! another's. Both limits are GCRA ([`Gcra`]): one atomic "theoretical arrival time" per limit,
+//! no timer task; a check is one compare-and-swap and, when it fails, says exactly when the next
+//! cell conforms (our `Retry-After`).
+//!
+//! Only what the server serves is charged. The request cell is taken as soon as the key is known,
+//! so a key that sends only invalid requests is limited like any other; the token quota is charged
+//! once the input is counted. When the server then turns the request away for its own reasons
+//! (not ready, draining, full: a 503), both are given back ([`KeyLimiter::refund_request`],
+//! [`KeyLimiter::refund_tokens`]), so a client that retries on `Retry-After` during overload does
+//! not lock itself out.
 
-use std::num::NonZeroU32;
-use std::time::Duration;
-
-use governor::clock::{Clock, DefaultClock};
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Limits for one key. Zero turns a limit off.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,6 +31,25 @@ impl RateLimits {
         burst: 0,
         tokens_per_minute: 0,
     };
+}
+
+/// Slowest request rate a key may be given: one a day. Anything slower is a typo (and `1e-300`
+/// has no representable period).
+pub const MIN_RPS: f64 = 1.0 / 86_400.0;
+/// Fastest: a million per second; above, the period is under a microsecond and the limit means
+/// nothing.
+pub const MAX_RPS: f64 = 1e6;
+
+/// A request rate as written in the key file or `--rate-rps`: 0 (off), or a finite number
+/// between [`MIN_RPS`] and [`MAX_RPS`]. `inf`, `NaN` and `1e-300` are errors, not "unlimited".
+pub fn parse_rps(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v == 0.0 || (MIN_RPS..=MAX_RPS).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a request rate: 0 (no limit) or a number of requests per second \
+             between {MIN_RPS:.6} (one a day) and {MAX_RPS}"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -70,14 +93,80 @@ pub fn whole_seconds(d: Duration) -> u64 {
     secs.max(1)
 }
 
-type Gcra = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
+/// Why a GCRA check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Denied {
+    /// Conforms again after this long.
+    Wait(Duration),
+    /// More cells than the burst: never conforms.
+    TooMany,
+}
+
+/// The generic cell rate algorithm: `burst` cells back to back, then one every `period`. The
+/// state is the theoretical arrival time (`tat`, nanoseconds since `epoch`) of the next cell.
+struct Gcra {
+    period_ns: u64,
+    burst: u64,
+    tat: AtomicU64,
+    epoch: Instant,
+}
+
+impl Gcra {
+    fn new(period: Duration, burst: u32) -> Self {
+        Self {
+            period_ns: u64::try_from(period.as_nanos()).unwrap_or(u64::MAX).max(1),
+            burst: u64::from(burst.max(1)),
+            tat: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Take `n` cells, all or none.
+    fn take(&self, n: u64) -> Result<(), Denied> {
+        if n > self.burst {
+            return Err(Denied::TooMany);
+        }
+        let increment = self.period_ns.saturating_mul(n);
+        let tolerance = self.period_ns.saturating_mul(self.burst);
+        let now = self.now();
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let next = current.max(now).saturating_add(increment);
+            let allowed_at = next.saturating_sub(tolerance);
+            if allowed_at > now {
+                return Err(Denied::Wait(Duration::from_nanos(allowed_at - now)));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Give back `n` cells taken earlier; never more than a full bucket.
+    fn give_back(&self, n: u64) {
+        let decrement = self.period_ns.saturating_mul(n);
+        let now = self.now();
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(decrement).max(now.min(tat)))
+            });
+    }
+}
 
 /// The limiters of one key.
 pub struct KeyLimiter {
     limits: RateLimits,
     requests: Option<Gcra>,
     tokens: Option<Gcra>,
-    clock: DefaultClock,
 }
 
 impl std::fmt::Debug for KeyLimiter {
@@ -89,20 +178,22 @@ impl std::fmt::Debug for KeyLimiter {
 }
 
 impl KeyLimiter {
+    /// `requests_per_second` must be 0 or within [`MIN_RPS`]..=[`MAX_RPS`] (see [`parse_rps`]);
+    /// out-of-range rates are clamped into it rather than panicking.
     pub fn new(limits: RateLimits) -> Self {
-        let clock = DefaultClock::default();
-        let requests = (limits.requests_per_second > 0.0)
-            .then(|| Duration::from_secs_f64(1.0 / limits.requests_per_second))
-            .and_then(Quota::with_period)
-            .map(|q| q.allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN)))
-            .map(|q| RateLimiter::direct_with_clock(q, clock.clone()));
-        let tokens = NonZeroU32::new(limits.tokens_per_minute)
-            .map(|n| RateLimiter::direct_with_clock(Quota::per_minute(n), clock.clone()));
+        let rps = limits.requests_per_second;
+        let requests = (rps.is_finite() && rps > 0.0).then(|| {
+            let period = Duration::from_secs_f64(1.0 / rps.clamp(MIN_RPS, MAX_RPS));
+            Gcra::new(period, limits.burst)
+        });
+        let tokens = (limits.tokens_per_minute > 0).then(|| {
+            let per_minute = limits.tokens_per_minute;
+            Gcra::new(Duration::from_secs(60) / per_minute, per_minute)
+        });
         Self {
             limits,
             requests,
             tokens,
-            clock,
         }
     }
 
@@ -115,11 +206,21 @@ impl KeyLimiter {
         let Some(limiter) = &self.requests else {
             return Ok(());
         };
-        limiter.check().map_err(|not_until| RateError::Requests {
+        limiter.take(1).map_err(|denied| RateError::Requests {
             per_second: self.limits.requests_per_second,
             burst: self.limits.burst.max(1),
-            retry_after: not_until.wait_time_from(self.clock.now()),
+            retry_after: match denied {
+                Denied::Wait(d) => d,
+                Denied::TooMany => Duration::from_secs(1),
+            },
         })
+    }
+
+    /// Give back the request cell of a request the server turned away (503).
+    pub fn refund_request(&self) {
+        if let Some(limiter) = &self.requests {
+            limiter.give_back(1);
+        }
     }
 
     /// Take `tokens` cells of the per-minute token quota, all or none.
@@ -127,21 +228,28 @@ impl KeyLimiter {
         let Some(limiter) = &self.tokens else {
             return Ok(());
         };
-        let Some(n) = NonZeroU32::new(u32::try_from(tokens).unwrap_or(u32::MAX)) else {
+        if tokens == 0 {
             return Ok(());
-        };
+        }
         let per_minute = self.limits.tokens_per_minute;
-        match limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(RateError::Tokens {
+        match limiter.take(tokens as u64) {
+            Ok(()) => Ok(()),
+            Err(Denied::Wait(retry_after)) => Err(RateError::Tokens {
                 requested: tokens,
                 per_minute,
-                retry_after: not_until.wait_time_from(self.clock.now()),
+                retry_after,
             }),
-            Err(_) => Err(RateError::OverWholeQuota {
+            Err(Denied::TooMany) => Err(RateError::OverWholeQuota {
                 requested: tokens,
                 per_minute,
             }),
+        }
+    }
+
+    /// Give back the tokens charged for a request the server turned away (503).
+    pub fn refund_tokens(&self, tokens: usize) {
+        if let Some(limiter) = &self.tokens {
+            limiter.give_back(tokens as u64);
         }
     }
 }
@@ -181,6 +289,54 @@ mod tests {
             Err(RateError::OverWholeQuota { .. })
         ));
         assert!(l.check_request().is_ok(), "request rate is off");
+    }
+
+    #[test]
+    fn refunds_give_back_what_was_taken_and_no_more() {
+        let l = KeyLimiter::new(RateLimits {
+            requests_per_second: 0.001,
+            burst: 2,
+            tokens_per_minute: 100,
+        });
+        assert!(l.check_request().is_ok());
+        assert!(l.check_request().is_ok());
+        assert!(l.check_request().is_err());
+        l.refund_request();
+        assert!(
+            l.check_request().is_ok(),
+            "the refunded cell is usable again"
+        );
+        assert!(l.check_request().is_err());
+        // Refunds beyond what was taken do not raise the burst.
+        for _ in 0..10 {
+            l.refund_request();
+        }
+        assert!(l.check_request().is_ok());
+        assert!(l.check_request().is_ok());
+        assert!(l.check_request().is_err());
+
+        assert!(l.charge_tokens(100).is_ok());
+        assert!(l.charge_tokens(1).is_err());
+        l.refund_tokens(100);
+        assert!(l.charge_tokens(100).is_ok());
+    }
+
+    #[test]
+    fn rates_outside_the_sane_range_are_refused() {
+        for bad in ["1e-300", "inf", "-inf", "NaN", "-1", "2e6", "fast", ""] {
+            assert!(parse_rps(bad).is_err(), "{bad}");
+        }
+        for good in ["0", "0.5", "10", "1000000"] {
+            assert!(parse_rps(good).is_ok(), "{good}");
+        }
+        // Built anyway (by code, not config): clamped, never a panic.
+        let l = KeyLimiter::new(RateLimits {
+            requests_per_second: 1e-300,
+            burst: 1,
+            tokens_per_minute: 0,
+        });
+        assert!(l.check_request().is_ok());
+        assert!(l.check_request().is_err());
     }
 
     #[test]

@@ -1,8 +1,18 @@
 //! The extraction pipeline: dialogue in, memory lists out. Pure logic plus calls to the
 //! [`Engine`] trait, so it is tested without HTTP and the HTTP layer never sees a prompt.
 //!
-//! clean → count input tokens → detect language → choose branches → per branch, concurrently:
-//! render prompt → constrained generation → parse → assemble the response lists.
+//! `prepare`: clean → detect language → choose branches → render each branch's prompt → count
+//! it. `run`: per branch, concurrently: constrained generation → parse → assemble the response
+//! lists.
+//!
+//! Everything the model will read is counted before a request may use the engine, with the
+//! engine's own encoding of the prompt (chat template included). The input limit
+//! (`--max-input-tokens`) bounds the dialogue as it appears in the prompt, framing included
+//! (`[role | time] ` and line breaks): a branch's prompt tokens less the tokens of the same
+//! prompt with no dialogue. And every branch's whole prompt plus the longest answer its schema
+//! allows must fit the model's context (and the KV pool), or the request is refused with
+//! 413/40305 before it takes a rate cell's worth of engine time; at start the input limit is
+//! lowered, with a warning, to what the context can hold ([`Extractor::fit_to_context`]).
 //!
 //! A branch that fails is retried once with a nudged prompt (a different prompt changes the first
 //! token's logits, which is what the known "EOS does not satisfy the grammar" failure needs). If
@@ -16,13 +26,14 @@ pub mod output;
 pub mod prompt;
 pub mod schema;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::types::{ExtractData, ExtractionType, WireMessage};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, PromptMessage};
 use branch::{Branch, Requested};
-use language::DetectedLanguage;
+use language::{DetectedLanguage, TemplateLang};
 use output::BranchOutput;
 use prompt::Prompts;
 use schema::OutputLimits;
@@ -37,8 +48,20 @@ pub enum PipelineError {
         "`extraction_types` is empty: name \"memory\", \"preference\" or both, or leave it out"
     )]
     NoExtractionTypes,
+    #[error("messages[{index}].chat_time {reason}")]
+    BadChatTime { index: usize, reason: String },
     #[error("input has {counted} tokens, over the limit of {limit}")]
     TooManyTokens { counted: usize, limit: usize },
+    #[error(
+        "the {branch} prompt of {prompt} tokens plus its longest possible answer of {output} \
+         tokens does not fit the model's context of {context} tokens"
+    )]
+    PromptTooLong {
+        branch: Branch,
+        prompt: usize,
+        output: usize,
+        context: usize,
+    },
     #[error("the {branch} branch failed: {reason}")]
     Branch { branch: Branch, reason: String },
     #[error("tokenizer failed: {0}")]
@@ -72,11 +95,13 @@ pub struct Extraction {
     pub branches: Vec<BranchStats>,
 }
 
-/// A request that passed every input check, with its token count; see [`Extractor::prepare`].
+/// A request that passed every input check, with its token count and the engine requests it
+/// will make; see [`Extractor::prepare`].
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    dialogue: clean::Dialogue,
     requested: Requested,
+    language: DetectedLanguage,
+    requests: Vec<(Branch, GenerateRequest)>,
     pub input_tokens: usize,
 }
 
@@ -97,12 +122,20 @@ impl Default for PipelineConfig {
 
 pub struct Extractor {
     engine: Arc<dyn Engine>,
-    prompts: Prompts,
+    prompts: Arc<Prompts>,
     config: PipelineConfig,
+    /// Prompt tokens of a branch's prompt with no dialogue, per branch and language: what a
+    /// prompt holds besides the dialogue. Counted on first use (a few dozen entries at most).
+    overheads: std::sync::Mutex<HashMap<(Branch, TemplateLang, &'static str), usize>>,
 }
 
 /// Appended to the user prompt on the retry.
 const RETRY_NUDGE: &str = "\n\nReply now with the JSON object only.";
+/// Tokens kept free in the context beyond prompt and answer: the retry's nudge.
+const CONTEXT_MARGIN: usize = 16;
+/// Room the start-up fit leaves besides: a non-English dialogue adds a sentence naming its
+/// language to the English instructions.
+const LANGUAGE_NOTE_MARGIN: usize = 48;
 
 impl Extractor {
     pub fn new(engine: Arc<dyn Engine>, config: PipelineConfig) -> anyhow::Result<Self> {
@@ -111,9 +144,109 @@ impl Extractor {
         language::warm_up();
         Ok(Self {
             engine,
-            prompts,
+            prompts: Arc::new(prompts),
             config,
+            overheads: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Lower `--max-input-tokens`, with a warning, when the model's context cannot hold that
+    /// much dialogue beside every branch's instructions and longest possible answer; fail when
+    /// it cannot hold even an empty dialogue (the output limits are then too large for the
+    /// model). Run once at start, before the server takes requests.
+    pub async fn fit_to_context(&mut self) -> anyhow::Result<()> {
+        let Some(context) = self.context() else {
+            return Ok(());
+        };
+        let mut room = usize::MAX;
+        let mut widest = (Branch::Memory, 0, 0);
+        let languages = [
+            DetectedLanguage {
+                template: TemplateLang::En,
+                name: "English",
+            },
+            DetectedLanguage {
+                template: TemplateLang::Zh,
+                name: "Chinese",
+            },
+        ];
+        for language in &languages {
+            for branch in Branch::ALL {
+                let overhead = self
+                    .overhead(branch, language)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("counting the prompt templates: {e}"))?;
+                let output = self.output_bound(branch);
+                let fixed = overhead + output + CONTEXT_MARGIN + LANGUAGE_NOTE_MARGIN;
+                if fixed >= context {
+                    anyhow::bail!(
+                        "the {branch} prompt's instructions ({overhead} tokens) and its longest \
+                     possible answer ({output} tokens, from --max-items, --max-text-chars, \
+                     --max-label-chars and --max-tags) do not fit the model's context of \
+                     {context} tokens: lower the output limits or serve a longer-context model"
+                    );
+                }
+                if context - fixed < room {
+                    room = context - fixed;
+                    widest = (branch, overhead, output);
+                }
+            }
+        }
+        if self.config.max_input_tokens > room {
+            let (branch, overhead, output) = widest;
+            tracing::warn!(
+                configured = self.config.max_input_tokens,
+                lowered_to = room,
+                context,
+                %branch,
+                instructions_tokens = overhead,
+                answer_tokens = output,
+                "--max-input-tokens lowered: the model's context cannot hold that much dialogue \
+                 beside the prompt's instructions and its longest possible answer"
+            );
+            self.config.max_input_tokens = room;
+        }
+        Ok(())
+    }
+
+    /// Positions a generation may use: the model's context, and for the native engine the KV
+    /// pool.
+    fn context(&self) -> Option<usize> {
+        self.engine.info().max_sequence_len
+    }
+
+    fn output_bound(&self, branch: Branch) -> usize {
+        schema::worst_case_tokens(&schema::schema_for(branch, &self.config.limits))
+    }
+
+    /// Tokens of `branch`'s prompt in `language` with an empty dialogue.
+    async fn overhead(
+        &self,
+        branch: Branch,
+        language: &DetectedLanguage,
+    ) -> Result<usize, PipelineError> {
+        let key = (branch, language.template, language.name);
+        let cached = self
+            .overheads
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied());
+        if let Some(n) = cached {
+            return Ok(n);
+        }
+        let empty = clean::Dialogue {
+            messages: Vec::new(),
+        };
+        let request = branch_request(&self.prompts, branch, language, &empty, &self.config.limits)?;
+        let tokens = self
+            .engine
+            .count_prompt(request.messages)
+            .await
+            .map_err(|e| PipelineError::Tokenizer(e.to_string()))?;
+        if let Ok(mut m) = self.overheads.lock() {
+            m.insert(key, tokens);
+        }
+        Ok(tokens)
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -145,31 +278,70 @@ impl Extractor {
         self.run(prepared).await
     }
 
-    /// Validate, clean and count: everything a request is checked against before it may use the
-    /// engine. Cheap next to generation, so the server runs it before rate limits and admission,
-    /// and a request over the input limit never takes a queue place or a rate cell.
+    /// Validate, clean, render and count: everything a request is checked against before it may
+    /// use the engine. Cheap next to generation, so the server runs it before the token quota
+    /// and admission, and a request over a limit never takes quota or a queue place.
     pub async fn prepare(&self, input: ExtractInput) -> Result<Prepared, PipelineError> {
         if input.extraction_types.as_ref().is_some_and(Vec::is_empty) {
             return Err(PipelineError::NoExtractionTypes);
         }
-        let dialogue = clean::clean(input.messages)?;
         let requested = Requested::from_types(input.extraction_types.as_deref());
+        // Cleaning, language detection and rendering are CPU work on up to a whole body: off
+        // the async workers.
+        let prompts = self.prompts.clone();
+        let limits = self.config.limits;
+        let (language, requests) = tokio::task::spawn_blocking(move || {
+            let dialogue = clean::clean(input.messages)?;
+            let language = language::detect(&dialogue);
+            let requests = branch::choose(requested, &dialogue)
+                .into_iter()
+                .map(|b| {
+                    Ok((
+                        b,
+                        branch_request(&prompts, b, &language, &dialogue, &limits)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, PipelineError>>()?;
+            Ok::<_, PipelineError>((language, requests))
+        })
+        .await
+        .map_err(|e| PipelineError::Tokenizer(format!("preparing the prompts: {e}")))??;
 
         // The engine tokenizes on a blocking thread (or its own), never on the async workers.
-        let input_tokens = self
-            .engine
-            .count_tokens(dialogue.joined_content())
-            .await
-            .map_err(|e| PipelineError::Tokenizer(e.to_string()))?;
+        let counts = futures::future::try_join_all(
+            requests
+                .iter()
+                .map(|(_, r)| self.engine.count_prompt(r.messages.clone())),
+        )
+        .await
+        .map_err(|e| PipelineError::Tokenizer(e.to_string()))?;
+        let mut input_tokens = 0;
+        for ((branch, _), &prompt) in requests.iter().zip(&counts) {
+            let overhead = self.overhead(*branch, &language).await?;
+            input_tokens = input_tokens.max(prompt.saturating_sub(overhead));
+        }
         if input_tokens > self.config.max_input_tokens {
             return Err(PipelineError::TooManyTokens {
                 counted: input_tokens,
                 limit: self.config.max_input_tokens,
             });
         }
+        if let Some(context) = self.context() {
+            for ((branch, request), &prompt) in requests.iter().zip(&counts) {
+                if prompt + request.max_tokens + CONTEXT_MARGIN > context {
+                    return Err(PipelineError::PromptTooLong {
+                        branch: *branch,
+                        prompt,
+                        output: request.max_tokens,
+                        context,
+                    });
+                }
+            }
+        }
         Ok(Prepared {
-            dialogue,
             requested,
+            language,
+            requests,
             input_tokens,
         })
     }
@@ -177,19 +349,14 @@ impl Extractor {
     /// Generate for a prepared request: language, branches, prompts, engine, output mapping.
     pub async fn run(&self, prepared: Prepared) -> Result<Extraction, PipelineError> {
         let Prepared {
-            dialogue,
             requested,
+            language,
+            requests,
             input_tokens,
         } = prepared;
-        let detect_on = dialogue.clone();
-        let language = tokio::task::spawn_blocking(move || language::detect(&detect_on))
-            .await
-            .map_err(|e| PipelineError::Tokenizer(format!("language detection: {e}")))?;
-
-        let branches = branch::choose(requested, &dialogue);
-        let runs = branches
-            .iter()
-            .map(|&b| self.run_branch(b, &language, &dialogue));
+        let runs = requests
+            .into_iter()
+            .map(|(b, request)| self.run_branch(b, request));
         // try_join_all drops (and so cancels) the sibling branches as soon as one fails.
         let results = futures::future::try_join_all(runs).await?;
 
@@ -245,17 +412,9 @@ impl Extractor {
     async fn run_branch(
         &self,
         branch: Branch,
-        language: &DetectedLanguage,
-        dialogue: &clean::Dialogue,
+        mut request: GenerateRequest,
     ) -> Result<(BranchOutput, BranchStats), PipelineError> {
         let fail = |reason: String| PipelineError::Branch { branch, reason };
-        let mut request = branch_request(
-            &self.prompts,
-            branch,
-            language,
-            dialogue,
-            &self.config.limits,
-        )?;
 
         let mut attempts = 0;
         loop {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::engine::{Engine, EngineError, EngineStats, GenerateRequest, Generation, ModelInfo};
+use crate::engine::{
+    Engine, EngineError, EngineStats, GenerateRequest, Generation, ModelInfo, PromptMessage,
+};
 use crate::telemetry::metrics::Metrics;
 
 pub struct MeteredEngine {
@@ -51,6 +53,15 @@ impl Engine for MeteredEngine {
     async fn count_tokens(&self, text: String) -> Result<usize, EngineError> {
         let result = self.inner.count_tokens(text).await;
         self.count(result)
+    }
+
+    async fn count_prompt(&self, messages: Vec<PromptMessage>) -> Result<usize, EngineError> {
+        let result = self.inner.count_prompt(messages).await;
+        self.count(result)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.inner.failure()
     }
 
     fn info(&self) -> &ModelInfo {

@@ -39,10 +39,12 @@ pub enum Rejection {
     Invalid,
     /// Model still loading, or the server is draining.
     NotReady,
+    /// A connection over `--max-connections` (answered 503 or closed before any request).
+    Connections,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Self::TooLong,
         Self::Rate,
         Self::Quota,
@@ -50,6 +52,7 @@ impl Rejection {
         Self::Auth,
         Self::Invalid,
         Self::NotReady,
+        Self::Connections,
     ];
 
     pub fn label(self) -> &'static str {
@@ -61,6 +64,7 @@ impl Rejection {
             Self::Auth => "auth",
             Self::Invalid => "invalid",
             Self::NotReady => "not_ready",
+            Self::Connections => "connections",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! binary; [`spawn`] starts one with its own flags.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod openapi;
 
 use std::path::{Path, PathBuf};

@@ -480,6 +480,14 @@ impl FastBpe {
         out
     }
 
+    /// Token ids of `text` without added-token matching: the text of a special token in it is
+    /// only text, split and merged like any other. For message contents, which a client wrote.
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        self.segment(text, &mut out);
+        out
+    }
+
     /// Number of tokens of `text`.
     pub fn count(&self, text: &str) -> usize {
         // The ids are the count's by-product; a counting-only path would save only the pushes.

@@ -45,6 +45,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
+    PromptMessage,
 };
 use kv_cache::{BlockManager, KvPool, BLOCK_SIZE};
 use model::{Model, Run};
@@ -71,6 +72,9 @@ pub struct NativeOptions {
     pub device: NativeDevice,
     /// Counters the step loop updates, read by `/metrics`.
     pub stats: Arc<NativeStats>,
+    /// Fault injection for tests of a dying engine: the engine thread panics when it takes
+    /// this many-th submission (the warm-up is the first). `None` in normal operation.
+    pub panic_at_submission: Option<u64>,
 }
 
 /// Where the native engine runs its forward pass.
@@ -119,6 +123,7 @@ impl Default for NativeOptions {
             prefix_cache: true,
             device: NativeDevice::DEFAULT,
             stats: Arc::default(),
+            panic_at_submission: None,
         }
     }
 }
@@ -140,6 +145,8 @@ pub struct NativeEngine {
     max_positions: usize,
     info: ModelInfo,
     stats: Arc<NativeStats>,
+    /// Set when the engine thread has ended (a panic in a step): nothing will be answered.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl NativeEngine {
@@ -202,9 +209,33 @@ impl NativeEngine {
         let (tx, rx) = mpsc::channel::<Submission>();
         let stats = opts.stats.clone();
         let opts = opts.clone();
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let failed = failure.clone();
         std::thread::Builder::new()
             .name("memex-engine".into())
-            .spawn(move || engine_loop(executor, blocks, rx, opts, eos, dry))?;
+            .spawn(move || {
+                // A panic is a bug whose damage to the scheduler and KV state cannot be bounded,
+                // so it is not contained: the thread ends, every waiting request fails
+                // (`Unavailable`), and `failure` tells readiness and the server, which exits
+                // non-zero so that the orchestrator restarts it.
+                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine_loop(executor, blocks, rx, opts, eos, dry)
+                }));
+                let why = match ended {
+                    Ok(()) => "the engine thread stopped".to_string(),
+                    Err(panic) => {
+                        let msg = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        format!("the engine thread panicked: {msg}")
+                    }
+                };
+                if let Ok(mut f) = failed.lock() {
+                    *f = Some(why);
+                }
+            })?;
         let info = ModelInfo {
             name: source.name(),
             max_sequence_len: Some(max_positions),
@@ -224,6 +255,7 @@ impl NativeEngine {
             max_positions,
             info,
             stats,
+            failure,
         })
     }
 }
@@ -239,10 +271,7 @@ impl Engine for NativeEngine {
         // workers, and off the engine thread so they never delay a step.
         let max_tokens = request.max_tokens;
         let (prompt, matcher) = tokio::task::spawn_blocking(move || {
-            let text = chat
-                .render(&request.messages)
-                .map_err(|e| EngineError::Rejected(format!("chat template: {e}")))?;
-            let prompt = encoder.encode(&text).map_err(EngineError::Tokenizer)?;
+            let prompt = encode_prompt(&chat, &encoder, &request.messages)?;
             let grammar = TopLevelGrammar::from_json_schema(request.schema);
             let parser = factory
                 .create_parser(grammar)
@@ -300,6 +329,19 @@ impl Engine for NativeEngine {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?
     }
 
+    async fn count_prompt(&self, messages: Vec<PromptMessage>) -> Result<usize, EngineError> {
+        let (chat, encoder) = (self.chat.clone(), self.encoder.clone());
+        tokio::task::spawn_blocking(move || {
+            encode_prompt(&chat, &encoder, &messages).map(|ids| ids.len())
+        })
+        .await
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -307,6 +349,21 @@ impl Engine for NativeEngine {
     fn stats(&self) -> Option<super::EngineStats> {
         Some(self.stats.snapshot())
     }
+}
+
+/// The prompt's token ids, exactly as generated from: special tokens only where the chat
+/// template put them (see `tokenizer`).
+fn encode_prompt(
+    chat: &ChatTemplate,
+    encoder: &Encoder,
+    messages: &[PromptMessage],
+) -> Result<Vec<u32>, EngineError> {
+    let pieces = chat
+        .render_pieces(messages)
+        .map_err(|e| EngineError::Rejected(format!("chat template: {e}")))?;
+    encoder
+        .encode_pieces(&pieces)
+        .map_err(EngineError::Tokenizer)
 }
 
 fn engine_loop(
@@ -324,16 +381,24 @@ fn engine_loop(
     );
     let stats = opts.stats.clone();
     stats.kv_blocks_total.store(blocks as u64, Relaxed);
+    let mut submissions = 0u64;
+    let mut take = |s: Submission| {
+        submissions += 1;
+        if opts.panic_at_submission == Some(submissions) {
+            panic!("injected fault at submission {submissions}");
+        }
+        admit(s)
+    };
     loop {
         // Block only when there is nothing to do; otherwise take whatever has arrived.
         if sched.is_idle() {
             match rx.recv() {
-                Ok(s) => sched.add(admit(s)),
+                Ok(s) => sched.add(take(s)),
                 Err(_) => return,
             }
         }
         while let Ok(s) = rx.try_recv() {
-            sched.add(admit(s));
+            sched.add(take(s));
         }
         sched.drop_finished();
         let step_started = Instant::now();
