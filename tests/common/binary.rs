@@ -93,9 +93,10 @@ impl Binary {
             .collect()
     }
 
+    /// A series' value; 0 when it does not exist yet (labelled series appear on first use).
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, _, text) = super::get(&format!("{}/metrics", self.base)).await;
-        super::metric(&text, series).unwrap_or_else(|| panic!("{series} missing"))
+        super::metric(&text, series).unwrap_or(0.0)
     }
 
     /// Wait for the process to exit; its exit status and how long that took.
