@@ -14,7 +14,7 @@ use crate::engine::EngineKind;
 use crate::limits::admission::AdmissionConfig;
 use crate::limits::auth::{AuthConfig, SecretKey};
 use crate::limits::rate::RateLimits;
-use crate::pipeline::schema::OutputLimits;
+use crate::pipeline::schema::{JsonLayout, OutputLimits};
 use crate::pipeline::PipelineConfig;
 
 #[derive(Debug, Parser)]
@@ -112,6 +112,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_MAX_TAGS", default_value_t = OutputLimits::default().max_tags)]
     pub max_tags: usize,
 
+    /// Whitespace the grammar allows in the model's JSON: `spaced` (bounded, the model's own
+    /// layout: what instruct models write) or `compact` (none: for an extractor fine-tuned on
+    /// compact JSON).
+    #[arg(long, env = "MEMEX_JSON_LAYOUT", value_enum, default_value_t = JsonLayout::Spaced)]
+    pub json_layout: JsonLayout,
+
     /// Most sequences the engine runs at once.
     #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
     pub max_num_seqs: usize,
@@ -201,6 +207,7 @@ impl ServeArgs {
                 max_text_chars: self.max_text_chars,
                 max_label_chars: self.max_label_chars,
                 max_tags: self.max_tags,
+                layout: self.json_layout,
             },
         }
     }

@@ -14,6 +14,8 @@ pub mod limits;
 pub mod pipeline;
 pub mod server;
 pub mod telemetry;
-#[cfg(test)]
-mod test_files;
+/// Where the tests find the real model files `scripts/fetch-models.sh` fetches (unit and
+/// integration tests alike).
+#[doc(hidden)]
+pub mod test_files;
 pub mod tiny_model;

@@ -453,7 +453,7 @@ fn advance(
         s.matcher.consume_tokens(&forced).map_err(err)?;
         s.tokens.extend_from_slice(&forced);
     }
-    if s.matcher.is_stopped() || grammar_complete(&mut s.matcher, eos) {
+    if s.matcher.is_stopped() || grammar_complete(&mut s.matcher) {
         s.finish = Some(FinishReason::Stop);
     } else if s.generated() >= s.max_tokens {
         s.finish = Some(FinishReason::Length);
@@ -461,18 +461,9 @@ fn advance(
     Ok(())
 }
 
-/// True when the only thing the grammar still allows is an end token: the JSON is complete, and
-/// running the model once more just to sample that token would be wasted.
-fn grammar_complete(m: &mut Matcher, eos: &[u32]) -> bool {
-    if !m.is_accepting().unwrap_or(false) {
-        return false;
-    }
-    match m.compute_mask() {
-        Ok(mask) => {
-            let mut only_eos = true;
-            mask.iter_set_entries(|i| only_eos &= eos.contains(&(i as u32)));
-            only_eos
-        }
-        Err(_) => false,
-    }
+/// True once the JSON is complete. Our grammars are one top-level object, so an accepting
+/// matcher has just closed it: all it could still allow is trailing whitespace and an end token,
+/// and running the model again to sample those would be wasted.
+fn grammar_complete(m: &mut Matcher) -> bool {
+    m.is_accepting().unwrap_or(false)
 }
