@@ -301,6 +301,35 @@ mod tests {
         assert!(matches!(&got[1], RawLine::Text { number: 2, bytes } if bytes == b"{}"));
     }
 
+    /// An endless input of short lines that counts what was read from it.
+    struct Endless(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let line = b"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}\n";
+            let n = buf.len().min(4096) / line.len() * line.len();
+            for chunk in buf[..n].chunks_mut(line.len()) {
+                chunk.copy_from_slice(line);
+            }
+            self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_reader_stays_a_window_ahead_of_its_consumer() {
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut rx = spawn_reader(Box::new(Endless(read.clone())), 1000, 4);
+        for _ in 0..10 {
+            assert!(matches!(rx.blocking_recv(), Some(Ok(RawLine::Text { .. }))));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Its buffer (64 KiB) and the window of lines, however long the input: here endless.
+        let ahead = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(ahead <= 64 * 1024 + 4096, "read {ahead} bytes ahead");
+        drop(rx);
+    }
+
     fn parse_str(s: &str) -> ParsedLine {
         parse(
             RawLine::Text {

@@ -77,9 +77,12 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<Vec<DialogueResult>> {
             };
             let seconds = started.elapsed().as_secs_f64();
             drop(slot);
+            let generated = answer.as_ref().map_or(0, |e| {
+                e.branches.iter().map(|b| b.generated_tokens).sum::<usize>()
+            });
             let answer = answer.map(|extraction| extraction.data);
             let result = report::score(&dialogue, answer, seconds, &limits, threshold);
-            progress.answered(result.code == 0, 0);
+            progress.answered(result.code == 0, generated);
             (index, result)
         });
     }
