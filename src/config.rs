@@ -34,6 +34,11 @@ pub struct Cli {
 pub enum Command {
     /// Serve POST /extract/memory on a local model.
     Serve(ServeArgs),
+    /// Extract memories from a JSONL file of requests, in-process, into a JSONL file of answers
+    /// (resumable; README, "Offline extraction").
+    Extract(crate::batch::ExtractArgs),
+    /// Run a labelled dataset and report extraction quality (docs/eval.md).
+    Eval(crate::eval::EvalArgs),
     /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
     /// an /extract/memory request body read from stdin turns into. Needs no model.
     Render,
@@ -46,8 +51,11 @@ pub enum Command {
     },
 }
 
+/// What builds an [`crate::pipeline::Extractor`]: the model, the engine that runs it, and the
+/// limits every request is held to. One struct, flattened into every command that extracts, so
+/// `serve`, `extract` and `eval` take the same flags and hold requests to the same limits.
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
+pub struct ExtractorArgs {
     /// Local safetensors model directory, or a local .gguf file. Never downloaded.
     #[arg(long, env = "MEMEX_MODEL")]
     pub model: PathBuf,
@@ -81,12 +89,6 @@ pub struct ServeArgs {
     /// Native engine: most tokens one step runs (decode tokens plus prefill chunks).
     #[arg(long, env = "MEMEX_STEP_TOKENS", default_value_t = 512)]
     pub step_tokens: usize,
-
-    #[arg(long, env = "MEMEX_HOST", default_value = "0.0.0.0")]
-    pub host: String,
-
-    #[arg(long, env = "MEMEX_PORT", default_value_t = 8080)]
-    pub port: u16,
 
     /// Most input tokens (all message contents, served model's tokenizer) a request may carry.
     #[arg(long, env = "MEMEX_MAX_INPUT_TOKENS", default_value_t = 8000)]
@@ -129,6 +131,19 @@ pub struct ServeArgs {
     /// Fraction of GPU memory given to the PagedAttention KV cache (CUDA builds).
     #[arg(long, env = "MEMEX_GPU_MEMORY_FRACTION", default_value_t = 0.85)]
     pub gpu_memory_fraction: f32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The model, the engine and the request limits: shared with `extract` and `eval`.
+    #[command(flatten)]
+    pub extractor: ExtractorArgs,
+
+    #[arg(long, env = "MEMEX_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, env = "MEMEX_PORT", default_value_t = 8080)]
+    pub port: u16,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "MEMEX_LOG_JSON")]
@@ -194,11 +209,7 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-impl ServeArgs {
-    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(format!("{}:{}", self.host, self.port).parse()?)
-    }
-
+impl ExtractorArgs {
     pub fn pipeline(&self) -> PipelineConfig {
         PipelineConfig {
             max_input_tokens: self.max_input_tokens,
@@ -231,10 +242,16 @@ impl ServeArgs {
             gpu_memory_fraction: self.gpu_memory_fraction,
         }
     }
+}
+
+impl ServeArgs {
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(format!("{}:{}", self.host, self.port).parse()?)
+    }
 
     pub fn http(&self) -> HttpConfig {
         HttpConfig {
-            max_body_bytes: self.max_body_bytes,
+            max_body_bytes: self.extractor.max_body_bytes,
         }
     }
 
@@ -283,8 +300,8 @@ mod tests {
             panic!()
         };
         assert_eq!(args.port, 8080);
-        assert_eq!(args.max_input_tokens, 8000);
-        assert_eq!(args.pipeline().limits.max_items, 3);
+        assert_eq!(args.extractor.max_input_tokens, 8000);
+        assert_eq!(args.extractor.pipeline().limits.max_items, 3);
         assert_eq!(args.addr().unwrap().to_string(), "0.0.0.0:8080");
         let admission = args.admission();
         assert_eq!((admission.max_concurrent, admission.max_queue), (8, 64));

@@ -7,8 +7,10 @@
 //! logging and metrics.
 
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod lifecycle;
 pub mod limits;
 pub mod pipeline;

@@ -7,6 +7,18 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Extract(args) => {
+            memex::telemetry::init_with(false, "warn");
+            match memex::batch::run(args).await {
+                // Interrupted: the output is whole, but lines are left for a re-run (128 + SIGINT).
+                Ok(memex::batch::Finish::Interrupted) => return std::process::ExitCode::from(130),
+                other => other.map(drop),
+            }
+        }
+        Command::Eval(args) => {
+            memex::telemetry::init_with(false, "warn");
+            memex::eval::run(args).await.map(drop)
+        }
         Command::Render => render(),
         Command::TinyModel { dir, seed } => memex::tiny_model::write(&dir, seed)
             .map(|_| println!("wrote tiny Qwen3 model to {}", dir.display())),
