@@ -36,7 +36,11 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
     /// an /extract/memory request body read from stdin turns into. Needs no model.
-    Render,
+    Render {
+        /// A folder of templates replacing the built-in ones by file name, as for `serve`.
+        #[arg(long, env = "MEMEX_TEMPLATES")]
+        templates: Option<PathBuf>,
+    },
     /// Write the tiny random-weight Qwen3 used by tests and smoke runs into a directory.
     TinyModel {
         /// Directory to write into (created if missing).
@@ -111,6 +115,11 @@ pub struct ServeArgs {
     /// Most tags per memory.
     #[arg(long, env = "MEMEX_MAX_TAGS", default_value_t = OutputLimits::default().max_tags)]
     pub max_tags: usize,
+
+    /// A folder of prompt templates replacing the built-in ones by file name (see README); a
+    /// template it lacks stays built in.
+    #[arg(long, env = "MEMEX_TEMPLATES")]
+    pub templates: Option<PathBuf>,
 
     /// Most sequences the engine runs at once.
     #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
@@ -202,6 +211,7 @@ impl ServeArgs {
                 max_label_chars: self.max_label_chars,
                 max_tags: self.max_tags,
             },
+            templates: self.templates.clone(),
         }
     }
 
