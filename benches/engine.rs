@@ -119,7 +119,7 @@ fn guidance(mut schema: Value) -> Value {
 
 fn prefill_request() -> GenerateRequest {
     let dialogue = corpus_dialogue("en-1000-1");
-    let prompts = Prompts::new(None).unwrap();
+    let prompts = Prompts::new().unwrap();
     let lang = language::detect(&dialogue);
     let messages = prompts.render(Branch::Memory, &lang, &dialogue, 6).unwrap();
     GenerateRequest {

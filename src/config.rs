@@ -41,11 +41,7 @@ pub enum Command {
     Eval(crate::eval::EvalArgs),
     /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
     /// an /extract/memory request body read from stdin turns into. Needs no model.
-    Render {
-        /// A folder of templates replacing the built-in ones by file name, as for `serve`.
-        #[arg(long, env = "MEMEX_TEMPLATES")]
-        templates: Option<PathBuf>,
-    },
+    Render,
     /// Write the tiny random-weight Qwen3 used by tests and smoke runs into a directory.
     TinyModel {
         /// Directory to write into (created if missing).
@@ -123,11 +119,6 @@ pub struct ExtractorArgs {
     /// compact JSON).
     #[arg(long, env = "MEMEX_JSON_LAYOUT", value_enum, default_value_t = JsonLayout::Spaced)]
     pub json_layout: JsonLayout,
-
-    /// A folder of prompt templates replacing the built-in ones by file name (see README); a
-    /// template it lacks stays built in.
-    #[arg(long, env = "MEMEX_TEMPLATES")]
-    pub templates: Option<PathBuf>,
 
     /// Most sequences the engine runs at once.
     #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
@@ -229,7 +220,6 @@ impl ExtractorArgs {
                 max_tags: self.max_tags,
                 layout: self.json_layout,
             },
-            templates: self.templates.clone(),
         }
     }
 

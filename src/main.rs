@@ -19,7 +19,7 @@ async fn main() -> std::process::ExitCode {
             memex::telemetry::init_with(false, "warn");
             memex::eval::run(args).await.map(drop)
         }
-        Command::Render { templates } => render(templates.as_deref()),
+        Command::Render => render(),
         Command::TinyModel { dir, seed } => memex::tiny_model::write(&dir, seed)
             .map(|_| println!("wrote tiny Qwen3 model to {}", dir.display())),
     };
@@ -39,19 +39,14 @@ async fn serve(args: memex::config::ServeArgs) -> anyhow::Result<()> {
     running.task.await?
 }
 
-fn render(templates: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn render() -> anyhow::Result<()> {
     use std::io::Read;
     let mut body = Vec::new();
     std::io::stdin().read_to_end(&mut body)?;
     let req = memex::api::types::ExtractRequest::from_json(&body)?;
     let limits = memex::pipeline::schema::OutputLimits::default();
-    let prompts = memex::pipeline::prompt::Prompts::new(templates)?;
-    let requests = memex::pipeline::Extractor::render(
-        req.messages,
-        req.extraction_types.as_deref(),
-        &limits,
-        &prompts,
-    )?;
+    let requests =
+        memex::pipeline::Extractor::render(req.messages, req.extraction_types.as_deref(), &limits)?;
     for (branch, r) in requests {
         let messages: Vec<serde_json::Value> = r
             .messages
