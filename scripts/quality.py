@@ -76,7 +76,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from bench_side_by_side import DRY  # noqa: E402  (same repetition guard as the benchmark)
+# The benchmark's repetition guard and readiness wait, so both scripts drive servers alike.
+from bench_side_by_side import DRY, wait_ready  # noqa: E402
 
 BRANCHES = ("memory", "explicit_preference", "implicit_preference")
 LANGS = ("en", "zh", "ja", "ko", "fr", "de", "es", "ru")
@@ -325,21 +326,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(url, proc, timeout):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
 def stop(proc):
