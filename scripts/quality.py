@@ -770,7 +770,7 @@ def self_test():
                               "extraction_types": ["preference"]}) == \
         ["explicit_preference", "implicit_preference"]
 
-    a = parse_args(["--model", "m.gguf", "--servers", "memex:compact,memex:spaced,llama",
+    a = parse_args(["--model", "m.gguf", "--servers", "memex:compact,memex:flexible,llama",
                     "--variant", "compact=--json-whitespace=compact",
                     "--variant", "flexible=--json-whitespace=flexible --kv-cache-mb 1024",
                     "--memex-arg=--engine=native"])
