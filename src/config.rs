@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::api::HttpConfig;
 use crate::engine::mistral::MistralOptions;
-use crate::engine::native::{NativeDevice, NativeOptions};
+use crate::engine::native::{NativeDevice, NativeOptions, Quantize};
 use crate::engine::EngineKind;
 use crate::limits::admission::AdmissionConfig;
 use crate::limits::auth::{AuthConfig, SecretKey};
@@ -42,12 +42,19 @@ pub enum Command {
     /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
     /// an /extract/memory request body read from stdin turns into. Needs no model.
     Render,
-    /// Write the tiny random-weight Qwen3 used by tests and smoke runs into a directory.
+    /// Write a random-weight Qwen3 into a directory: the tiny one of tests and smoke runs, or
+    /// one in the production extractor's shape for benchmarks.
     TinyModel {
         /// Directory to write into (created if missing).
         dir: PathBuf,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        #[arg(long, value_enum, default_value_t = crate::tiny_model::Preset::Tiny)]
+        preset: crate::tiny_model::Preset,
+        /// A directory with `tokenizer.json` and `tokenizer_config.json` to ship instead of the
+        /// byte-level tokenizer (e.g. Qwen3's, for real token counts).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
 }
 
@@ -76,6 +83,12 @@ pub struct ExtractorArgs {
     /// without a GPU. Default: cpu, or cuda in a `cuda` build.
     #[arg(long, env = "MEMEX_NATIVE_DEVICE", value_enum, default_value_t = NativeDevice::DEFAULT)]
     pub native_device: NativeDevice,
+
+    /// Native engine: what a safetensors checkpoint's linear layers become as they load: `q8_0`
+    /// (a quarter of f32, logits within ~1%), `q4_0`, or `none` (dense). Default: q8_0 on the
+    /// CPU, the checkpoint's precision on a GPU. GGUF files keep their own types.
+    #[arg(long, env = "MEMEX_QUANTIZE", value_enum)]
+    pub quantize: Option<Quantize>,
 
     /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).
     #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048)]
@@ -231,6 +244,7 @@ impl ExtractorArgs {
             repetition_guard: self.repetition_guard,
             prefix_cache: self.prefix_cache,
             device: self.native_device,
+            quantize: self.quantize,
             ..NativeOptions::default()
         }
     }

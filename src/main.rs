@@ -20,8 +20,17 @@ async fn main() -> std::process::ExitCode {
             memex::eval::run(args).await.map(drop)
         }
         Command::Render => render(),
-        Command::TinyModel { dir, seed } => memex::tiny_model::write(&dir, seed)
-            .map(|_| println!("wrote tiny Qwen3 model to {}", dir.display())),
+        Command::TinyModel {
+            dir,
+            seed,
+            preset,
+            tokenizer,
+        } => memex::tiny_model::write_preset(&dir, seed, preset, tokenizer.as_deref()).map(|_| {
+            println!(
+                "wrote a {preset:?} random-weight Qwen3 to {}",
+                dir.display()
+            )
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
