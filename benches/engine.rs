@@ -13,7 +13,8 @@
 //! (rounds per level, median kept; default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
 //! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_MODELS` (more
 //! models: `name=path[@tokenizer dir],...`, GGUF files or safetensors directories),
-//! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_LLAMA` (a
+//! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_DECODE_ONLY=1`
+//! (skip the prefill rounds), `MEMEX_BENCH_LLAMA` (a
 //! `llama-server` binary: GGUF models are then also run there, one server after the other, with
 //! `MEMEX_BENCH_THREADS` threads, default all), `MEMEX_BENCH_OUT` (also write the results as JSON
 //! there).
@@ -33,8 +34,8 @@
 //! llama.cpp gets each prompt on its chat endpoint (its GGUF chat template, as memex applies
 //! it), with `cache_prompt` off, `max_tokens: 1` for prefill and the same JSON schema as its
 //! `response_format` for decode. Its rates are computed as memex's: prompt tokens / time until
-//! the last request's prompt was processed, and generated tokens after the first / time from
-//! the first first-token to the end.
+//! the last request's first token, and generated tokens after the first / time from the first
+//! first-token to the end (a request's first token is placed `predicted_ms` before its response).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -346,23 +347,31 @@ impl Server for Llama {
                 .json(&body);
             async move {
                 let v: Value = req.send().await.unwrap().json().await.unwrap();
+                let end = started.elapsed();
                 let t = &v["timings"];
                 let n = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("llama-server: {v}"));
-                let finish = v["choices"][0]["finish_reason"].clone();
-                (n("prompt_n"), n("prompt_ms"), n("predicted_n"), finish)
+                let stopped = v["choices"][0]["finish_reason"] == "stop";
+                // `predicted_ms` runs from the first token to the last: the first token came
+                // that long before the response. (`prompt_ms` cannot place it: with parallel
+                // slots it counts only the slot's own share of the batched prompt work.)
+                let first = end.saturating_sub(Duration::from_secs_f64(n("predicted_ms") / 1e3));
+                (
+                    n("prompt_n") as usize,
+                    n("predicted_n") as usize,
+                    first,
+                    stopped,
+                )
             }
         });
         let results = futures::future::join_all(calls).await;
         let wall = started.elapsed();
-        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
         Round {
-            prompt_tokens: results.iter().map(|r| r.0 as usize).sum(),
-            generated_tokens: results.iter().map(|r| r.2 as usize).sum(),
-            // Requests start together; a prompt is processed `prompt_ms` after its slot starts.
-            last_first_token: ms(results.iter().map(|r| r.1).fold(0.0, f64::max)),
-            first_first_token: ms(results.iter().map(|r| r.1).fold(f64::MAX, f64::min)),
+            prompt_tokens: results.iter().map(|r| r.0).sum(),
+            generated_tokens: results.iter().map(|r| r.1).sum(),
+            last_first_token: results.iter().map(|r| r.2).max().unwrap(),
+            first_first_token: results.iter().map(|r| r.2).min().unwrap(),
             wall,
-            not_stopped: results.iter().filter(|r| r.3 != "stop").count(),
+            not_stopped: results.iter().filter(|r| !r.3).count(),
         }
     }
     fn label(&self) -> String {
@@ -396,11 +405,16 @@ async fn bench_server(
     tags: &mut Tags,
 ) -> Vec<Row> {
     let chars = env_or("MEMEX_BENCH_DECODE_CHARS", 256);
+    // Decode alone, for high concurrency on big models (a 32 x 1,300-token prefill round is
+    // many minutes on a laptop CPU, and prefill is compute-bound at any concurrency).
+    let skip_prefill = env_or("MEMEX_BENCH_DECODE_ONLY", 0) == 1;
     let prefill = |tags: std::ops::Range<usize>| tags.map(prefill_request).collect::<Vec<_>>();
     let decode =
         |tags: std::ops::Range<usize>| tags.map(|t| decode_request(chars, t)).collect::<Vec<_>>();
     // Warm-up: first requests pay for one-off allocations and grammar setup.
-    server.run(prefill(tags.take(1))).await;
+    if !skip_prefill {
+        server.run(prefill(tags.take(1))).await;
+    }
     server.run(decode(tags.take(1))).await;
 
     let mut rows = Vec::new();
@@ -410,19 +424,23 @@ async fn bench_server(
         let mut per_seq = Vec::new();
         let (mut p_tokens, mut g_tokens) = (0, 0);
         for _ in 0..rounds {
-            let p = server.run(prefill(tags.take(n))).await;
-            pre.push(p.prompt_tokens as f64 / p.last_first_token.as_secs_f64());
-            p_tokens = p.prompt_tokens / n;
+            let mut not_stopped = 0;
+            if !skip_prefill {
+                let p = server.run(prefill(tags.take(n))).await;
+                pre.push(p.prompt_tokens as f64 / p.last_first_token.as_secs_f64());
+                p_tokens = p.prompt_tokens / n;
+                not_stopped += p.not_stopped;
+            }
             let d = server.run(decode(tags.take(n))).await;
             let window = (d.wall - d.first_first_token).as_secs_f64();
             let after_first = d.generated_tokens.saturating_sub(n);
             dec.push(after_first as f64 / window);
             per_seq.push(after_first as f64 / n as f64 / window);
             g_tokens = d.generated_tokens / n;
-            if p.not_stopped + d.not_stopped > 0 {
+            not_stopped += d.not_stopped;
+            if not_stopped > 0 {
                 eprintln!(
-                    "{name} x{n}: {} generations ended by their length limit, not the grammar",
-                    p.not_stopped + d.not_stopped
+                    "{name} x{n}: {not_stopped} generations ended by their length limit, not the grammar"
                 );
             }
         }
@@ -431,7 +449,7 @@ async fn bench_server(
             engine: server.label(),
             concurrency: n,
             prompt_tokens_per_request: p_tokens,
-            prefill_tokens_per_s: median(pre),
+            prefill_tokens_per_s: if skip_prefill { 0.0 } else { median(pre) },
             generated_tokens_per_request: g_tokens,
             decode_tokens_per_s: median(dec),
             decode_tokens_per_s_per_sequence: median(per_seq),
