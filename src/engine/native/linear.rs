@@ -671,17 +671,14 @@ mod avx {
         /// Sub-block `i` of every row: values `d*q + m`, `q` unsigned below 64.
         #[inline(always)]
         unsafe fn unsigned(&mut self, x: &[&[ActBlock]; R], i: usize, d: f32, m: f32, q: __m256i) {
-            // Scaled as (sum * row scale) * weight scale: the weight scale is broadcast once per
-            // block and each row's is a broadcast load. Written as `set1(d * a.d)`, the compiler
-            // emits a scalar multiply and a register broadcast per row and block, the hottest
-            // instructions of a prefill.
+            // The weight's scale is broadcast once per block, each row's is a broadcast load.
             let dw = _mm256_set1_ps(d);
-            for r in 0..R {
-                let a = x[r].get_unchecked(i);
-                let p = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            for ((x, v), offset) in x.iter().zip(&mut self.v).zip(&mut self.offset) {
+                let a = x.get_unchecked(i);
+                let p = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
                 let t = _mm256_mul_ps(mul_sum_us8(q, p), _mm256_broadcast_ss(&a.d));
-                self.v[r] = _mm256_fmadd_ps(t, dw, self.v[r]);
-                self.offset[r] += m * a.s;
+                *v = _mm256_fmadd_ps(t, dw, *v);
+                *offset += m * a.s;
             }
         }
 
@@ -691,22 +688,18 @@ mod avx {
         unsafe fn signed(&mut self, x: &[&[ActBlock]; R], i: usize, d: __m256, q: __m256i) {
             // maddubs wants one unsigned side: move the weight's sign onto the activation.
             let qa = _mm256_sign_epi8(q, q);
-            for r in 0..R {
-                let a = x[r].get_unchecked(i);
-                let p = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            for (x, v) in x.iter().zip(&mut self.v) {
+                let a = x.get_unchecked(i);
+                let p = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
                 let ps = _mm256_sign_epi8(p, q);
                 let t = _mm256_mul_ps(mul_sum_us8(qa, ps), _mm256_broadcast_ss(&a.d));
-                self.v[r] = _mm256_fmadd_ps(t, d, self.v[r]);
+                *v = _mm256_fmadd_ps(t, d, *v);
             }
         }
 
         #[inline(always)]
         unsafe fn finish(self) -> [f32; R] {
-            let mut out = [0f32; R];
-            for r in 0..R {
-                out[r] = hsum(self.v[r]) + self.offset[r];
-            }
-            out
+            std::array::from_fn(|r| hsum(self.v[r]) + self.offset[r])
         }
     }
 

@@ -259,7 +259,7 @@ impl Weights {
         // stays dense.
         let quantized = |l: Linear| -> anyhow::Result<Linear> {
             match quantize {
-                Some(t) if l.k % t.block_size() == 0 => l.quantized(t),
+                Some(t) if l.k.is_multiple_of(t.block_size()) => l.quantized(t),
                 _ => Ok(l),
             }
         };
