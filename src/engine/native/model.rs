@@ -76,7 +76,9 @@ impl Model {
             if id >= c.vocab {
                 candle_core::bail!("token {id} is outside the vocabulary of {}", c.vocab);
             }
-            row.copy_from_slice(&w.embed[id * hidden..(id + 1) * hidden]);
+            for (x, e) in row.iter_mut().zip(&w.embed[id * hidden..(id + 1) * hidden]) {
+                *x = e.to_f32();
+            }
         }
         let slots: Vec<usize> = rows
             .iter()
