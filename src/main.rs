@@ -26,10 +26,10 @@ async fn main() -> std::process::ExitCode {
             preset,
             tokenizer,
         } => memex::tiny_model::write_preset(&dir, seed, preset, tokenizer.as_deref()).map(|_| {
-            println!(
-                "wrote a {preset:?} random-weight Qwen3 to {}",
-                dir.display()
-            )
+            let name = clap::ValueEnum::to_possible_value(&preset)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            println!("wrote the {name} random-weight Qwen3 to {}", dir.display())
         }),
     };
     match result {
