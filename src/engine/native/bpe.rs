@@ -690,12 +690,13 @@ pub(crate) mod tests {
         tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap()
     }
 
-    /// Qwen3's vocabulary split GPT-2's way, with no normalizer: the other shape we implement.
-    fn gpt2_shaped(mut t: tokenizers::Tokenizer) -> tokenizers::Tokenizer {
+    /// Qwen3's vocabulary with the split a GGUF's `tokenizer.ggml.pre` names (as the engine builds
+    /// it for a bare GGUF) and no normalizer.
+    fn with_split(mut t: tokenizers::Tokenizer, pre: &str) -> tokenizers::Tokenizer {
+        let (nfc, split) = super::super::tokenizer::pre_tokenizer(pre).unwrap();
+        assert!(!nfc, "{pre} has no normalizer");
         t.with_normalizer(None::<tokenizers::NormalizerWrapper>);
-        t.with_pre_tokenizer(Some(
-            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true),
-        ));
+        t.with_pre_tokenizer(Some(split));
         t
     }
 
@@ -805,7 +806,8 @@ pub(crate) mod tests {
 
     #[test]
     fn gpt2_split_ids_match_tokenizers() {
-        let Some(hf) = qwen3("gpt2_split_ids_match_tokenizers").map(gpt2_shaped) else {
+        let Some(hf) = qwen3("gpt2_split_ids_match_tokenizers").map(|t| with_split(t, "gpt2"))
+        else {
             return;
         };
         let fast = FastBpe::from_tokenizer(&hf).expect("ByteLevel with its regex is supported");
@@ -816,29 +818,12 @@ pub(crate) mod tests {
         assert_same(&hf, &fast, &corpus());
     }
 
-    /// Qwen3's vocabulary with another split and no normalizer.
-    fn with_split(mut t: tokenizers::Tokenizer, pre: &str) -> tokenizers::Tokenizer {
-        let json = serde_json::to_value(&t).unwrap();
-        t.with_normalizer(None::<tokenizers::NormalizerWrapper>);
-        let mut pre_json = json["pre_tokenizer"].clone();
-        match pre {
-            "llama3" => pre_json["pretokenizers"][0]["pattern"]["Regex"] = LLAMA3_PATTERN.into(),
-            _ => {
-                pre_json = serde_json::json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-                     "use_regex": true}]});
-            }
-        }
-        t.with_pre_tokenizer(Some(
-            serde_json::from_value::<tokenizers::PreTokenizerWrapper>(pre_json).unwrap(),
-        ));
-        t
-    }
-
     #[test]
     fn llama3_and_smollm_splits_match_tokenizers() {
-        for (pre, splitter) in [("llama3", Splitter::Llama3), ("smollm", Splitter::Smollm)] {
+        for (pre, splitter) in [
+            ("llama-bpe", Splitter::Llama3),
+            ("smollm", Splitter::Smollm),
+        ] {
             let Some(hf) = qwen3("llama3_and_smollm_splits_match_tokenizers") else {
                 return;
             };

@@ -905,8 +905,7 @@ fn quantized_rows<B: Block>(w: &[B], x: &[f32], m: usize, k: usize, n: usize) ->
         let rows_per_w_tile = (W_TILE_BYTES / (wb * std::mem::size_of::<B>()).max(1)).max(1);
         let row_tile =
             (A_TILE_BYTES / (kb * std::mem::size_of::<ActBlock>()).max(1)).clamp(8, 32) / 8 * 8;
-        let outs: Vec<&mut [f32]> = chunk.chunks_exact_mut(m).collect();
-        let mut outs = outs;
+        let mut outs: Vec<&mut [f32]> = chunk.chunks_exact_mut(m).collect();
         for w0 in (0..outs.len()).step_by(rows_per_w_tile) {
             let w1 = (w0 + rows_per_w_tile).min(outs.len());
             for r0 in (0..m).step_by(row_tile) {
