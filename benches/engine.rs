@@ -1,15 +1,23 @@
-//! Prefill and decode tokens/s at 1, 4 and 8 concurrent requests, through the `Engine` trait only.
+//! Prefill and decode tokens/s at 1, 4 and 8 concurrent requests, through the `Engine` trait only,
+//! and llama.cpp's server beside it on the same GGUF files, prompts and schemas.
 //!
 //!     scripts/fetch-models.sh --smollm2          # optional: SmolLM2-135M-Instruct Q4_1 GGUF
 //!     cargo bench --bench engine                 # tiny Qwen3 and SmolLM2 (when fetched)
 //!     cargo bench --bench engine -- tiny         # only models whose name contains "tiny"
+//!     MEMEX_BENCH_MODELS=q4km=.cache/models/qwen2.5-0.5b/qwen2.5-0.5b.gguf@.cache/models/qwen2.5-0.5b/tokenizer \
+//!     MEMEX_BENCH_LLAMA=.cache/llama.cpp/bin/llama-server cargo bench --bench engine -- q4km
 //!
 //! Environment: `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`; see [`build_engine`]),
 //! `MEMEX_BENCH_NATIVE_DEVICE` (the native engine's `--native-device`: `cpu`, the default in a CPU
 //! build, `cuda` or `cpu-tensors`), `MEMEX_BENCH_LEVELS` (default `1,4,8`), `MEMEX_BENCH_ROUNDS`
 //! (rounds per level, median kept; default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
-//! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_OUT` (also write
-//! the results as JSON there).
+//! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_MODELS` (more
+//! models: `name=path[@tokenizer dir],...`, GGUF files or safetensors directories),
+//! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_DECODE_ONLY=1`
+//! (skip the prefill rounds), `MEMEX_BENCH_LLAMA` (a
+//! `llama-server` binary: GGUF models are then also run there, one server after the other, with
+//! `MEMEX_BENCH_THREADS` threads, default all), `MEMEX_BENCH_OUT` (also write the results as JSON
+//! there).
 //!
 //! Two workloads, each isolating one phase:
 //! - prefill: the real memory-branch prompt for a ~1,000-token corpus dialogue (rendered by the
@@ -18,9 +26,16 @@
 //! - decode: a short prompt and a schema that forces one string of exactly N characters. Rate =
 //!   generated tokens after the first / time from the first first-token to the last token.
 //!
-//! The concurrent requests of one round carry the same prompt (equal lengths): mistralrs 0.8.1's
-//! CPU scheduler only batches sequences of equal length (see shared/docs/engine-notes.md), so this
-//! is its best case; the load tests measure the mixed case.
+//! No prompt is ever sent twice (the prefix cache would make a repeat nearly free, in memex and in
+//! llama.cpp): every request's dialogue opens with its own fixed-width session tag, so the
+//! requests of a round differ by a token or so in length; the branch template before the
+//! dialogue is shared, as in real traffic.
+//!
+//! llama.cpp gets each prompt on its chat endpoint (its GGUF chat template, as memex applies
+//! it), with `cache_prompt` off, `max_tokens: 1` for prefill and the same JSON schema as its
+//! `response_format` for decode. Its rates are computed as memex's: prompt tokens / time until
+//! the last request's first token, and generated tokens after the first / time from the first
+//! first-token to the end (a request's first token is placed `predicted_ms` before its response).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +44,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use memex::engine::mistral::MistralOptions;
-use memex::engine::native::{NativeDevice, NativeOptions};
+use memex::engine::native::{NativeDevice, NativeOptions, Quantize};
 use memex::engine::{
     Engine, FinishReason, GenerateRequest, Generation, ModelSource, PromptMessage, PromptRole,
 };
@@ -54,6 +69,13 @@ async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
         &NativeOptions {
             prefix_cache: false,
             device: native_device()?,
+            quantize: match std::env::var("MEMEX_BENCH_QUANTIZE") {
+                Ok(q) => Some(
+                    Quantize::from_str(&q, true)
+                        .map_err(|e| anyhow::anyhow!("MEMEX_BENCH_QUANTIZE {q:?}: {e}"))?,
+                ),
+                Err(_) => None,
+            },
             ..NativeOptions::default()
         },
     )
@@ -117,8 +139,14 @@ fn guidance(mut schema: Value) -> Value {
     schema
 }
 
-fn prefill_request() -> GenerateRequest {
-    let dialogue = corpus_dialogue("en-1000-1");
+/// Requests tagged `tag` differ from every other tag's in their dialogue.
+fn session(tag: usize) -> String {
+    format!("[session {tag:06}] ")
+}
+
+fn prefill_request(tag: usize) -> GenerateRequest {
+    let mut dialogue = corpus_dialogue("en-1000-1");
+    dialogue.messages[0].content.insert_str(0, &session(tag));
     let prompts = Prompts::new().unwrap();
     let lang = language::detect(&dialogue);
     let messages = prompts.render(Branch::Memory, &lang, &dialogue, 6).unwrap();
@@ -134,7 +162,7 @@ fn prefill_request() -> GenerateRequest {
     }
 }
 
-fn decode_request(chars: usize) -> GenerateRequest {
+fn decode_request(chars: usize, tag: usize) -> GenerateRequest {
     GenerateRequest {
         messages: vec![
             PromptMessage {
@@ -143,7 +171,10 @@ fn decode_request(chars: usize) -> GenerateRequest {
             },
             PromptMessage {
                 role: PromptRole::User,
-                content: "Describe a calm Saturday morning in a city by the river.".into(),
+                content: format!(
+                    "{}Describe a calm Saturday morning in a city by the river.",
+                    session(tag)
+                ),
             },
         ],
         schema: guidance(json!({
@@ -167,11 +198,10 @@ struct Round {
     not_stopped: usize,
 }
 
-async fn round(engine: &Arc<dyn Engine>, request: &GenerateRequest, n: usize) -> Round {
+async fn round(engine: &Arc<dyn Engine>, requests: Vec<GenerateRequest>) -> Round {
     let started = Instant::now();
-    let runs = (0..n).map(|_| {
+    let runs = requests.into_iter().map(|request| {
         let engine = engine.clone();
-        let request = request.clone();
         tokio::spawn(async move {
             let g: Generation = engine.generate(request).await.expect("generation");
             // Offsets from the common start (each Generation times from its own submission).
@@ -184,24 +214,168 @@ async fn round(engine: &Arc<dyn Engine>, request: &GenerateRequest, n: usize) ->
         .map(|r| r.expect("task"))
         .collect();
     let wall = started.elapsed();
+    let first_tokens = || {
+        results
+            .iter()
+            .map(|(g, end)| *end - g.total_time + g.time_to_first_token)
+    };
     Round {
         prompt_tokens: results.iter().map(|(g, _)| g.prompt_tokens).sum(),
         generated_tokens: results.iter().map(|(g, _)| g.generated_tokens).sum(),
-        last_first_token: results
-            .iter()
-            .map(|(g, end)| *end - g.total_time + g.time_to_first_token)
-            .max()
-            .unwrap(),
-        first_first_token: results
-            .iter()
-            .map(|(g, end)| *end - g.total_time + g.time_to_first_token)
-            .min()
-            .unwrap(),
+        last_first_token: first_tokens().max().unwrap(),
+        first_first_token: first_tokens().min().unwrap(),
         wall,
         not_stopped: results
             .iter()
             .filter(|(g, _)| g.finish != FinishReason::Stop)
             .count(),
+    }
+}
+
+/// Fresh session tags: no two requests of a run share a dialogue.
+struct Tags(usize);
+
+impl Tags {
+    fn take(&mut self, n: usize) -> std::ops::Range<usize> {
+        self.0 += n;
+        self.0 - n..self.0
+    }
+}
+
+/// What one server does with a round of requests.
+trait Server {
+    async fn run(&self, requests: Vec<GenerateRequest>) -> Round;
+    fn label(&self) -> String;
+}
+
+struct Memex(Arc<dyn Engine>);
+
+impl Server for Memex {
+    async fn run(&self, requests: Vec<GenerateRequest>) -> Round {
+        round(&self.0, requests).await
+    }
+    fn label(&self) -> String {
+        engine_label()
+    }
+}
+
+/// llama.cpp's server on the same file, started for the model and stopped after it.
+struct Llama {
+    child: std::process::Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Llama {
+    async fn start(binary: &Path, model: &Path, slots: usize, slot_ctx: usize) -> Self {
+        let port = 9391;
+        let threads = env_or(
+            "MEMEX_BENCH_THREADS",
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        );
+        let log =
+            std::fs::File::create(std::env::temp_dir().join("memex-bench-llama.log")).unwrap();
+        let child = std::process::Command::new(binary)
+            .args(["-m", &model.to_string_lossy(), "--port", &port.to_string()])
+            .args(["--host", "127.0.0.1", "-t", &threads.to_string()])
+            .args([
+                "-np",
+                &slots.to_string(),
+                "-c",
+                &(slots * slot_ctx).to_string(),
+            ])
+            .arg("--no-webui")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("llama-server starts");
+        let me = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = me.http.get(format!("{}/health", me.base)).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "llama-server not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        me
+    }
+}
+
+impl Drop for Llama {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server for Llama {
+    async fn run(&self, requests: Vec<GenerateRequest>) -> Round {
+        let started = Instant::now();
+        let calls = requests.into_iter().map(|r| {
+            let messages: Vec<Value> = r
+                .messages
+                .iter()
+                .map(|m| {
+                    let role = match m.role {
+                        PromptRole::System => "system",
+                        PromptRole::User => "user",
+                    };
+                    json!({"role": role, "content": m.content})
+                })
+                .collect();
+            let mut schema = r.schema.clone();
+            schema.as_object_mut().unwrap().remove("x-guidance");
+            let body = json!({
+                "messages": messages,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "bench", "schema": schema}},
+                "temperature": 0, "max_tokens": r.max_tokens, "cache_prompt": false,
+            });
+            let req = self
+                .http
+                .post(format!("{}/v1/chat/completions", self.base))
+                .json(&body);
+            async move {
+                let v: Value = req.send().await.unwrap().json().await.unwrap();
+                let end = started.elapsed();
+                let t = &v["timings"];
+                let n = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("llama-server: {v}"));
+                let stopped = v["choices"][0]["finish_reason"] == "stop";
+                // `predicted_ms` runs from the first token to the last: the first token came
+                // that long before the response. (`prompt_ms` cannot place it: with parallel
+                // slots it counts only the slot's own share of the batched prompt work.)
+                let first = end.saturating_sub(Duration::from_secs_f64(n("predicted_ms") / 1e3));
+                (
+                    n("prompt_n") as usize,
+                    n("predicted_n") as usize,
+                    first,
+                    stopped,
+                )
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let wall = started.elapsed();
+        Round {
+            prompt_tokens: results.iter().map(|r| r.0).sum(),
+            generated_tokens: results.iter().map(|r| r.1).sum(),
+            last_first_token: results.iter().map(|r| r.2).max().unwrap(),
+            first_first_token: results.iter().map(|r| r.2).min().unwrap(),
+            wall,
+            not_stopped: results.iter().filter(|r| !r.3).count(),
+        }
+    }
+    fn label(&self) -> String {
+        "llama.cpp".into()
     }
 }
 
@@ -223,15 +397,25 @@ struct Row {
     rounds: usize,
 }
 
-async fn bench_model(name: &str, source: ModelSource, levels: &[usize], rounds: usize) -> Vec<Row> {
-    let t = Instant::now();
-    let engine = build_engine(&source).await.expect("engine loads");
-    eprintln!("{name}: loaded in {:.1} s", t.elapsed().as_secs_f64());
-    let prefill = prefill_request();
-    let decode = decode_request(env_or("MEMEX_BENCH_DECODE_CHARS", 256));
+async fn bench_server(
+    name: &str,
+    server: &impl Server,
+    levels: &[usize],
+    rounds: usize,
+    tags: &mut Tags,
+) -> Vec<Row> {
+    let chars = env_or("MEMEX_BENCH_DECODE_CHARS", 256);
+    // Decode alone, for high concurrency on big models (a 32 x 1,300-token prefill round is
+    // many minutes on a laptop CPU, and prefill is compute-bound at any concurrency).
+    let skip_prefill = env_or("MEMEX_BENCH_DECODE_ONLY", 0) == 1;
+    let prefill = |tags: std::ops::Range<usize>| tags.map(prefill_request).collect::<Vec<_>>();
+    let decode =
+        |tags: std::ops::Range<usize>| tags.map(|t| decode_request(chars, t)).collect::<Vec<_>>();
     // Warm-up: first requests pay for one-off allocations and grammar setup.
-    round(&engine, &prefill, 1).await;
-    round(&engine, &decode, 1).await;
+    if !skip_prefill {
+        server.run(prefill(tags.take(1))).await;
+    }
+    server.run(decode(tags.take(1))).await;
 
     let mut rows = Vec::new();
     for &n in levels {
@@ -240,35 +424,40 @@ async fn bench_model(name: &str, source: ModelSource, levels: &[usize], rounds: 
         let mut per_seq = Vec::new();
         let (mut p_tokens, mut g_tokens) = (0, 0);
         for _ in 0..rounds {
-            let p = round(&engine, &prefill, n).await;
-            pre.push(p.prompt_tokens as f64 / p.last_first_token.as_secs_f64());
-            p_tokens = p.prompt_tokens / n;
-            let d = round(&engine, &decode, n).await;
+            let mut not_stopped = 0;
+            if !skip_prefill {
+                let p = server.run(prefill(tags.take(n))).await;
+                pre.push(p.prompt_tokens as f64 / p.last_first_token.as_secs_f64());
+                p_tokens = p.prompt_tokens / n;
+                not_stopped += p.not_stopped;
+            }
+            let d = server.run(decode(tags.take(n))).await;
             let window = (d.wall - d.first_first_token).as_secs_f64();
             let after_first = d.generated_tokens.saturating_sub(n);
             dec.push(after_first as f64 / window);
             per_seq.push(after_first as f64 / n as f64 / window);
             g_tokens = d.generated_tokens / n;
-            if p.not_stopped + d.not_stopped > 0 {
+            not_stopped += d.not_stopped;
+            if not_stopped > 0 {
                 eprintln!(
-                    "{name} x{n}: {} generations ended by their length limit, not the grammar",
-                    p.not_stopped + d.not_stopped
+                    "{name} x{n}: {not_stopped} generations ended by their length limit, not the grammar"
                 );
             }
         }
         let row = Row {
             model: name.to_string(),
-            engine: engine_label(),
+            engine: server.label(),
             concurrency: n,
             prompt_tokens_per_request: p_tokens,
-            prefill_tokens_per_s: median(pre),
+            prefill_tokens_per_s: if skip_prefill { 0.0 } else { median(pre) },
             generated_tokens_per_request: g_tokens,
             decode_tokens_per_s: median(dec),
             decode_tokens_per_s_per_sequence: median(per_seq),
             rounds,
         };
         eprintln!(
-            "{name} x{n}: prefill {:.0} tok/s ({} tokens each), decode {:.1} tok/s ({:.1} per sequence, {} tokens each)",
+            "{name} {} x{n}: prefill {:.0} tok/s ({} tokens each), decode {:.1} tok/s ({:.1} per sequence, {} tokens each)",
+            row.engine,
             row.prefill_tokens_per_s,
             row.prompt_tokens_per_request,
             row.decode_tokens_per_s,
@@ -278,6 +467,40 @@ async fn bench_model(name: &str, source: ModelSource, levels: &[usize], rounds: 
         rows.push(row);
     }
     rows
+}
+
+async fn bench_model(
+    name: &str,
+    source: ModelSource,
+    levels: &[usize],
+    rounds: usize,
+    tags: &mut Tags,
+) -> Vec<Row> {
+    let t = Instant::now();
+    let engine = build_engine(&source).await.expect("engine loads");
+    eprintln!(
+        "{name}: loaded in {:.1} s, resident {} MiB",
+        t.elapsed().as_secs_f64(),
+        resident_mib()
+    );
+    let mut rows = bench_server(name, &Memex(engine), levels, rounds, tags).await;
+    let llama = std::env::var_os("MEMEX_BENCH_LLAMA").map(PathBuf::from);
+    if let (Some(binary), ModelSource::Gguf { file, .. }) = (llama, &source) {
+        let slots = levels.iter().copied().max().unwrap_or(1);
+        let server = Llama::start(&binary, file, slots, 2048).await;
+        rows.extend(bench_server(name, &server, levels, rounds, tags).await);
+    }
+    rows
+}
+
+/// This process's resident memory (memex's engine lives in it).
+fn resident_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb >> 10)
 }
 
 fn models(tmp: &Path) -> Vec<(String, ModelSource)> {
@@ -294,6 +517,19 @@ fn models(tmp: &Path) -> Vec<(String, ModelSource)> {
     match ModelSource::resolve(&smol, None) {
         Ok(source) => out.push(("smollm2-135m-q4_1".to_string(), source)),
         Err(e) => eprintln!("skipping SmolLM2 ({e}); run scripts/fetch-models.sh --smollm2"),
+    }
+    let extra = std::env::var("MEMEX_BENCH_MODELS").unwrap_or_default();
+    for spec in extra.split(',').filter(|s| !s.is_empty()) {
+        let (name, path) = spec
+            .split_once('=')
+            .expect("MEMEX_BENCH_MODELS: name=path[@tokenizer dir]");
+        let (path, tokenizer) = match path.split_once('@') {
+            Some((p, t)) => (p, Some(PathBuf::from(t))),
+            None => (path, None),
+        };
+        let source = ModelSource::resolve(Path::new(path), tokenizer.as_deref())
+            .unwrap_or_else(|e| panic!("MEMEX_BENCH_MODELS {name}: {e}"));
+        out.push((name.to_string(), source));
     }
     out
 }
@@ -313,11 +549,12 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut rows = Vec::new();
+    let mut tags = Tags(0);
     for (name, source) in models(tmp.path()) {
         if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        rows.extend(rt.block_on(bench_model(&name, source, &levels, rounds)));
+        rows.extend(rt.block_on(bench_model(&name, source, &levels, rounds, &mut tags)));
     }
 
     println!("\n| model | engine | concurrent | prompt tokens | prefill tok/s | generated tokens | decode tok/s | decode tok/s per sequence |");

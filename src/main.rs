@@ -7,9 +7,30 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Extract(args) => {
+            memex::telemetry::init_with(false, "warn");
+            match memex::batch::run(args).await {
+                // Interrupted: the output is whole, but lines are left for a re-run (128 + SIGINT).
+                Ok(memex::batch::Finish::Interrupted) => return std::process::ExitCode::from(130),
+                other => other.map(drop),
+            }
+        }
+        Command::Eval(args) => {
+            memex::telemetry::init_with(false, "warn");
+            memex::eval::run(args).await.map(drop)
+        }
         Command::Render => render(),
-        Command::TinyModel { dir, seed } => memex::tiny_model::write(&dir, seed)
-            .map(|_| println!("wrote tiny Qwen3 model to {}", dir.display())),
+        Command::TinyModel {
+            dir,
+            seed,
+            preset,
+            tokenizer,
+        } => memex::tiny_model::write_preset(&dir, seed, preset, tokenizer.as_deref()).map(|_| {
+            let name = clap::ValueEnum::to_possible_value(&preset)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            println!("wrote the {name} random-weight Qwen3 to {}", dir.display())
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

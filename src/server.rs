@@ -38,7 +38,7 @@ impl Running {
 pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     // Before binding: a wrong path or key file must fail the start, not leave a server that never
     // gets ready or that nobody can use.
-    let source = ModelSource::resolve(&args.model, args.tokenizer.as_deref())?;
+    let source = ModelSource::resolve(&args.extractor.model, args.extractor.tokenizer.as_deref())?;
     let keys = KeyRing::load(&args.auth())?;
     log_auth(&keys);
     let listener = TcpListener::bind(args.addr()?).await?;
@@ -226,10 +226,16 @@ async fn load(
     args: &ServeArgs,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Arc<Extractor>> {
-    let engine = crate::engine::load(args.engine, source, &args.mistral(), &args.native()).await?;
+    let engine = crate::engine::load(
+        args.extractor.engine,
+        source,
+        &args.extractor.mistral(),
+        &args.extractor.native(),
+    )
+    .await?;
     let engine = MeteredEngine::wrap(engine, metrics.clone());
     metrics.watch_engine(engine.clone());
-    let mut extractor = Extractor::new(engine, args.pipeline())?;
+    let mut extractor = Extractor::new(engine, args.extractor.pipeline())?;
     extractor.fit_to_context().await?;
     Ok(Arc::new(extractor))
 }

@@ -8,20 +8,67 @@
 //!
 //! Like SmolLM2, its chat EOS is `<|im_end|>` while the grammar's EOS is `<|endoftext|>`: the
 //! mismatch that once made every constrained request run to `max_len` is reproduced on purpose.
+//!
+//! `--preset qwen3-0.6b` writes random bf16 weights in the production extractor's exact shape
+//! (28 layers, hidden 1,024, 16 query / 8 KV heads of 128, 151,936 vocabulary, tied embeddings,
+//! 1.2 GB): its outputs mean nothing, its cost is the real one, for benchmarks of attention and
+//! the KV cache at the production shape.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
 
-pub const HIDDEN: usize = 64;
-pub const LAYERS: usize = 2;
-pub const HEADS: usize = 4;
-pub const KV_HEADS: usize = 2;
-pub const HEAD_DIM: usize = HIDDEN / HEADS;
-pub const INTERMEDIATE: usize = 128;
-pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-pub const VOCAB: usize = 256 + SPECIAL_TOKENS.len();
+const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// The network's dimensions and the weights' storage type.
+struct Shape {
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    /// `None`: as large as the tokenizer needs.
+    vocab: Option<usize>,
+    max_positions: usize,
+    bf16: bool,
+}
+
+const TINY: Shape = Shape {
+    hidden: 64,
+    layers: 2,
+    heads: 4,
+    kv_heads: 2,
+    head_dim: 16,
+    intermediate: 128,
+    vocab: None,
+    max_positions: 32768,
+    bf16: false,
+};
+
+/// Qwen3-0.6B's `config.json`.
+const QWEN3_0_6B: Shape = Shape {
+    hidden: 1024,
+    layers: 28,
+    heads: 16,
+    kv_heads: 8,
+    head_dim: 128,
+    intermediate: 3072,
+    vocab: Some(151_936),
+    max_positions: 40960,
+    bf16: true,
+};
+
+/// `memex tiny-model --preset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// 2 layers, hidden 64, f32: the tests' model.
+    Tiny,
+    /// Qwen3-0.6B's exact shape, random bf16 weights.
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
+}
 
 const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
@@ -37,6 +84,28 @@ struct Vocab {
 /// Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
 /// generation_config.json into `dir`. The same seed gives the same bytes.
 pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
+    write_preset(dir, seed, Preset::Tiny, None)
+}
+
+/// `write` in a preset's shape, with the tokenizer in `tokenizer_dir` when given (its vocabulary
+/// then sizes the tiny preset's).
+pub fn write_preset(
+    dir: &Path,
+    seed: u64,
+    preset: Preset,
+    tokenizer_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let shape = match preset {
+        Preset::Tiny => &TINY,
+        Preset::Qwen3_0_6b => &QWEN3_0_6B,
+    };
+    match tokenizer_dir {
+        Some(t) => write_with_shape(dir, seed, t, shape),
+        None => write_byte_level(dir, seed, shape),
+    }
+}
+
+fn write_byte_level(dir: &Path, seed: u64, shape: &Shape) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("tokenizer.json"),
@@ -47,18 +116,28 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&tokenizer_config())?,
     )?;
     let vocab = Vocab {
-        size: VOCAB,
+        size: shape.vocab.unwrap_or(256 + SPECIAL_TOKENS.len()),
         bos: 256,
         eos: 258,
-        byte_bias: true,
+        // Only the tests' model is steered; a production-shape one is for timing.
+        byte_bias: shape.vocab.is_none(),
     };
-    write_model(dir, seed, &vocab)
+    write_model(dir, seed, &vocab, shape)
 }
 
 /// The same tiny network with a real tokenizer (a directory holding `tokenizer.json` and
 /// `tokenizer_config.json`, e.g. Qwen3's): the vocabulary grows to the tokenizer's and the rest
 /// stays tiny. For tests that need the production model's token counts and chat template.
 pub fn write_with_tokenizer(dir: &Path, seed: u64, tokenizer_dir: &Path) -> anyhow::Result<()> {
+    write_with_shape(dir, seed, tokenizer_dir, &TINY)
+}
+
+fn write_with_shape(
+    dir: &Path,
+    seed: u64,
+    tokenizer_dir: &Path,
+    shape: &Shape,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizer_dir.join(name), dir.join(name))?;
@@ -72,35 +151,43 @@ pub fn write_with_tokenizer(dir: &Path, seed: u64, tokenizer_dir: &Path) -> anyh
     };
     let vocab = Vocab {
         // Padded to a multiple of 128 like real checkpoints.
-        size: tok.get_vocab_size(true).div_ceil(128) * 128,
+        size: shape
+            .vocab
+            .unwrap_or(tok.get_vocab_size(true).div_ceil(128) * 128),
         bos: id("<|endoftext|>")?,
         eos: id("<|im_end|>")?,
         byte_bias: false,
     };
-    write_model(dir, seed, &vocab)
+    if vocab.size < tok.get_vocab_size(true) {
+        anyhow::bail!(
+            "the tokenizer has more tokens than the preset's {}",
+            vocab.size
+        );
+    }
+    write_model(dir, seed, &vocab, shape)
 }
 
-fn write_model(dir: &Path, seed: u64, vocab: &Vocab) -> anyhow::Result<()> {
+fn write_model(dir: &Path, seed: u64, vocab: &Vocab, shape: &Shape) -> anyhow::Result<()> {
     let config = json!({
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
         "vocab_size": vocab.size,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": 32768,
+        "max_position_embeddings": shape.max_positions,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0,
         "tie_word_embeddings": true,
         "attention_bias": false,
         "sliding_window": null,
         "use_sliding_window": false,
-        "max_window_layers": LAYERS,
-        "torch_dtype": "float32",
+        "max_window_layers": shape.layers,
+        "torch_dtype": if shape.bf16 { "bfloat16" } else { "float32" },
         "bos_token_id": 0,
         "eos_token_id": vocab.eos
     });
@@ -109,7 +196,7 @@ fn write_model(dir: &Path, seed: u64, vocab: &Vocab) -> anyhow::Result<()> {
         dir.join("generation_config.json"),
         serde_json::to_vec_pretty(&json!({"eos_token_id": vocab.eos, "bos_token_id": vocab.bos}))?,
     )?;
-    write_weights(&dir.join("model.safetensors"), seed, vocab)?;
+    write_weights(&dir.join("model.safetensors"), seed, vocab, shape)?;
     Ok(())
 }
 
@@ -209,8 +296,8 @@ impl Rng {
 /// logit bias: `]` is pushed down (arrays fill to `maxItems`, strings to `maxLength`) and ASCII
 /// letters slightly up (text stays mostly one byte per character). Outputs then hit the schema
 /// bounds instead of the trivial `{"memories":[]}`, which is what the tests need to exercise.
-fn embeddings(rng: &mut Rng, scale: f32, vocab: &Vocab) -> Vec<f32> {
-    let mut e = rng.tensor(vocab.size * HIDDEN, scale);
+fn embeddings(rng: &mut Rng, scale: f32, vocab: &Vocab, hidden: usize) -> Vec<f32> {
+    let mut e = rng.tensor(vocab.size * hidden, scale);
     if !vocab.byte_bias {
         return e;
     }
@@ -220,92 +307,104 @@ fn embeddings(rng: &mut Rng, scale: f32, vocab: &Vocab) -> Vec<f32> {
             Ok(b) if b.is_ascii_alphabetic() || b == b' ' => 0.05,
             _ => 0.0,
         };
-        e[t * HIDDEN] = 1.0 + bias;
+        e[t * hidden] = 1.0 + bias;
     }
     e
 }
 
-fn write_weights(path: &Path, seed: u64, vocab: &Vocab) -> anyhow::Result<()> {
+fn write_weights(path: &Path, seed: u64, vocab: &Vocab, shape: &Shape) -> anyhow::Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
 
     let mut rng = Rng(seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, data: Vec<f32>| {
-        tensors.push((name, shape, data));
+    // Each tensor is stored as bytes as soon as it is drawn: the 0.6B preset is 2.4 GB as f32.
+    let dtype = if shape.bf16 { Dtype::BF16 } else { Dtype::F32 };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |name: String, dims: Vec<usize>, data: Vec<f32>| {
+        let bytes = if shape.bf16 {
+            data.iter()
+                .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
+                .collect()
+        } else {
+            data.iter().flat_map(|f| f.to_le_bytes()).collect()
+        };
+        tensors.push((name, dims, bytes));
     };
+    let (hidden, heads, kv_heads, head_dim, inter) = (
+        shape.hidden,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.intermediate,
+    );
     let w = 0.08;
     add(
         "model.embed_tokens.weight".into(),
-        vec![vocab.size, HIDDEN],
-        embeddings(&mut rng, w, vocab),
+        vec![vocab.size, hidden],
+        embeddings(&mut rng, w, vocab, hidden),
     );
-    add("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]);
-    for l in 0..LAYERS {
+    add("model.norm.weight".into(), vec![hidden], vec![1.0; hidden]);
+    for l in 0..shape.layers {
         let p = format!("model.layers.{l}");
         let lin = |rng: &mut Rng, out: usize, inp: usize| rng.tensor(out * inp, w);
         add(
             format!("{p}.input_layernorm.weight"),
-            vec![HIDDEN],
-            vec![1.0; HIDDEN],
+            vec![hidden],
+            vec![1.0; hidden],
         );
         add(
             format!("{p}.post_attention_layernorm.weight"),
-            vec![HIDDEN],
-            vec![1.0; HIDDEN],
+            vec![hidden],
+            vec![1.0; hidden],
         );
         add(
             format!("{p}.self_attn.q_proj.weight"),
-            vec![HEADS * HEAD_DIM, HIDDEN],
-            lin(&mut rng, HEADS * HEAD_DIM, HIDDEN),
+            vec![heads * head_dim, hidden],
+            lin(&mut rng, heads * head_dim, hidden),
         );
         add(
             format!("{p}.self_attn.k_proj.weight"),
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            lin(&mut rng, KV_HEADS * HEAD_DIM, HIDDEN),
+            vec![kv_heads * head_dim, hidden],
+            lin(&mut rng, kv_heads * head_dim, hidden),
         );
         add(
             format!("{p}.self_attn.v_proj.weight"),
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            lin(&mut rng, KV_HEADS * HEAD_DIM, HIDDEN),
+            vec![kv_heads * head_dim, hidden],
+            lin(&mut rng, kv_heads * head_dim, hidden),
         );
         add(
             format!("{p}.self_attn.o_proj.weight"),
-            vec![HIDDEN, HEADS * HEAD_DIM],
-            lin(&mut rng, HIDDEN, HEADS * HEAD_DIM),
+            vec![hidden, heads * head_dim],
+            lin(&mut rng, hidden, heads * head_dim),
         );
         add(
             format!("{p}.self_attn.q_norm.weight"),
-            vec![HEAD_DIM],
-            vec![1.0; HEAD_DIM],
+            vec![head_dim],
+            vec![1.0; head_dim],
         );
         add(
             format!("{p}.self_attn.k_norm.weight"),
-            vec![HEAD_DIM],
-            vec![1.0; HEAD_DIM],
+            vec![head_dim],
+            vec![1.0; head_dim],
         );
         add(
             format!("{p}.mlp.gate_proj.weight"),
-            vec![INTERMEDIATE, HIDDEN],
-            lin(&mut rng, INTERMEDIATE, HIDDEN),
+            vec![inter, hidden],
+            lin(&mut rng, inter, hidden),
         );
         add(
             format!("{p}.mlp.up_proj.weight"),
-            vec![INTERMEDIATE, HIDDEN],
-            lin(&mut rng, INTERMEDIATE, HIDDEN),
+            vec![inter, hidden],
+            lin(&mut rng, inter, hidden),
         );
         add(
             format!("{p}.mlp.down_proj.weight"),
-            vec![HIDDEN, INTERMEDIATE],
-            lin(&mut rng, HIDDEN, INTERMEDIATE),
+            vec![hidden, inter],
+            lin(&mut rng, hidden, inter),
         );
     }
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(n, s, d)| (n, s, d.iter().flat_map(|f| f.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, TensorView)> = bytes
+    let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(dtype, s.clone(), b)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());

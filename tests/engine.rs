@@ -118,6 +118,7 @@ fn constrained_output_is_complete_json_and_stops_at_its_end() {
             max_text_chars: 20,
             max_label_chars: 10,
             max_tags: 2,
+            ..OutputLimits::default()
         };
         for (kind, e) in engines().await {
             for (i, branch) in Branch::ALL.into_iter().enumerate() {
@@ -161,6 +162,7 @@ fn a_shared_prompt_prefix_is_computed_once() {
             max_text_chars: 10,
             max_label_chars: 8,
             max_tags: 1,
+            ..OutputLimits::default()
         };
         // The tiny model's tokenizer is byte-level: about one token per character.
         let system = "You extract memories from dialogues. ".repeat(8);
@@ -238,6 +240,7 @@ fn dropping_a_generation_does_not_wedge_the_engine() {
                 max_text_chars: 8,
                 max_label_chars: 4,
                 max_tags: 1,
+                ..OutputLimits::default()
             };
             let g = e
                 .generate(request(
@@ -261,6 +264,7 @@ fn every_engine_generates_the_same_greedy_output() {
             max_text_chars: 24,
             max_label_chars: 8,
             max_tags: 2,
+            ..OutputLimits::default()
         };
         // Without the repetition guard: the tiny model's logits are nearly flat, so the guard's
         // equal penalties leave exact ties whose winner depends on the last float bit.

@@ -85,6 +85,23 @@ pub fn detect(dialogue: &Dialogue) -> DetectedLanguage {
     from_lingua(detector().detect_language_of(&sample))
 }
 
+/// The ISO 639-1 code of the language `text` is written in, among the detected ones: how
+/// `memex eval` checks that memories came out in the dialogue's language.
+pub fn iso_code_of(text: &str) -> Option<&'static str> {
+    let sample: String = text.chars().take(SAMPLE_CHARS).collect();
+    // lingua is built with only the languages of DETECTED: this match is exhaustive.
+    Some(match detector().detect_language_of(&sample)? {
+        L::English => "en",
+        L::Chinese => "zh",
+        L::Japanese => "ja",
+        L::Korean => "ko",
+        L::French => "fr",
+        L::German => "de",
+        L::Spanish => "es",
+        L::Russian => "ru",
+    })
+}
+
 fn from_lingua(lang: Option<L>) -> DetectedLanguage {
     let (template, name) = match lang {
         Some(L::Chinese) => (TemplateLang::Zh, "Chinese"),
@@ -159,6 +176,17 @@ mod tests {
                 name: "French"
             }
         );
+    }
+
+    #[test]
+    fn output_text_gets_its_iso_code() {
+        assert_eq!(iso_code_of("用户喜欢打羽毛球，住在杭州。"), Some("zh"));
+        assert_eq!(
+            iso_code_of("The user plays badminton in Hangzhou."),
+            Some("en")
+        );
+        assert_eq!(iso_code_of("L'utilisateur habite à Lyon."), Some("fr"));
+        assert_eq!(iso_code_of(""), None);
     }
 
     #[test]

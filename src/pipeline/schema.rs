@@ -1,15 +1,43 @@
 //! Step 5's contract with the engine: one bounded JSON schema per branch.
 //!
-//! Every string has `maxLength`, every array `maxItems`, whitespace is fixed and `\u` escapes are
-//! off, so every output the grammar allows is finite. [`worst_case_tokens`] walks the schema and
-//! bounds the longest allowed output in bytes (no token is shorter than one byte), which becomes
-//! the engine's `max_tokens`: a generation that hits it is a failure, never a silent truncation.
+//! Every string has `maxLength`, every array `maxItems`, each run of whitespace is bounded and
+//! `\u` escapes are off, so every output the grammar allows is finite. [`worst_case_tokens`]
+//! walks the schema and bounds the longest allowed output in bytes (no token is shorter than one
+//! byte), which becomes the engine's `max_tokens`: a generation that hits it is a failure, never
+//! a silent truncation.
+//!
+//! Whitespace is the model's choice ([`JsonLayout::Spaced`]), within a bound: one space, or one
+//! or two newlines and up to 20 spaces or tabs of indentation, between any two JSON tokens.
+//! Instruct models write their JSON pretty-printed; forced into compact JSON they close the list
+//! at once. Measured on eight dialogues with llama.cpp (issue 12): compact JSON gave 0 of 8
+//! non-empty memory lists on Qwen2.5-Coder-0.5B, flexible whitespace 6 of 8; memex's own numbers
+//! per model and branch are in `docs/eval.md`. The bound keeps every output finite (a small
+//! model cannot loop on whitespace) at a cost of at most [`GAP_BYTES`] per gap in the worst case.
 
 use serde_json::{json, Value};
 
 use crate::pipeline::branch::Branch;
 
-/// Output bounds; operators trade recall for worst-case latency here.
+/// Where the grammar lets the model put whitespace between JSON tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JsonLayout {
+    /// Bounded whitespace of the model's choosing (pretty-printed or not): what instruct models
+    /// write when left alone.
+    Spaced,
+    /// No whitespace at all: for an extractor fine-tuned on compact JSON, where it saves the
+    /// newline tokens.
+    Compact,
+}
+
+/// One run of whitespace between JSON tokens in the spaced layout: a space, or a line break (or
+/// a blank line) and an indentation of at most 20 columns, enough for the four levels our
+/// schemas nest at in any customary indentation.
+const SPACED_GAP: &str = r"(?: |\n{1,2}[ \t]{0,20})";
+
+/// The longest gap [`SPACED_GAP`] allows, in bytes.
+const GAP_BYTES: usize = 22;
+
+/// Output bounds and layout; operators trade recall for worst-case latency here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputLimits {
     /// Most items one branch may return.
@@ -20,6 +48,8 @@ pub struct OutputLimits {
     pub max_label_chars: usize,
     /// Most tags per memory.
     pub max_tags: usize,
+    /// Whitespace between JSON tokens.
+    pub layout: JsonLayout,
 }
 
 impl Default for OutputLimits {
@@ -29,6 +59,7 @@ impl Default for OutputLimits {
             max_text_chars: 200,
             max_label_chars: 32,
             max_tags: 4,
+            layout: JsonLayout::Spaced,
         }
     }
 }
@@ -70,6 +101,15 @@ pub fn schema_for(branch: Branch, limits: &OutputLimits) -> Value {
         }),
     };
     let field = list_field(branch);
+    let mut guidance = json!({
+        "whitespace_flexible": false,
+        "item_separator": ",",
+        "key_separator": ":",
+        "json_allowed_escapes": ALLOWED_ESCAPES
+    });
+    if limits.layout == JsonLayout::Spaced {
+        guidance["whitespace_pattern"] = json!(SPACED_GAP);
+    }
     json!({
         "type": "object",
         "properties": {
@@ -77,13 +117,16 @@ pub fn schema_for(branch: Branch, limits: &OutputLimits) -> Value {
         },
         "required": [field],
         "additionalProperties": false,
-        "x-guidance": {
-            "whitespace_flexible": false,
-            "item_separator": ",",
-            "key_separator": ":",
-            "json_allowed_escapes": ALLOWED_ESCAPES
-        }
+        "x-guidance": guidance
     })
+}
+
+/// The longest whitespace run the schema's layout allows between two JSON tokens.
+fn gap_bytes(schema: &Value) -> usize {
+    match schema.pointer("/x-guidance/whitespace_pattern") {
+        Some(_) => GAP_BYTES,
+        None => 0,
+    }
 }
 
 /// The top-level array the model fills for a branch.
@@ -96,10 +139,14 @@ pub fn list_field(branch: Branch) -> &'static str {
 
 /// Upper bound on generated tokens for any output the schema allows.
 pub fn worst_case_tokens(schema: &Value) -> usize {
-    worst_case_bytes(schema) + MAX_TOKENS_SLACK
+    let gap = gap_bytes(schema);
+    // A gap may also come before the first token.
+    gap + worst_case_bytes(schema, gap) + MAX_TOKENS_SLACK
 }
 
-fn worst_case_bytes(schema: &Value) -> usize {
+/// The longest text `schema` allows, with a gap of `gap` bytes after every JSON token but a
+/// value's last (its container counts the gap after it).
+fn worst_case_bytes(schema: &Value, gap: usize) -> usize {
     if let Some(options) = schema.get("enum").and_then(Value::as_array) {
         return options
             .iter()
@@ -113,17 +160,22 @@ fn worst_case_bytes(schema: &Value) -> usize {
             let fields: usize = props
                 .map(|p| {
                     p.iter()
-                        // "key": value, -> quotes, colon and comma around each field
-                        .map(|(k, v)| k.len() + 4 + worst_case_bytes(v))
+                        // "key" : value , -> quotes, colon and comma around each field, and a
+                        // gap after the key, the colon, the value and the comma
+                        .map(|(k, v)| k.len() + 4 + 4 * gap + worst_case_bytes(v, gap))
                         .sum()
                 })
                 .unwrap_or(0);
-            2 + fields
+            2 + gap + fields
         }
         Some("array") => {
             let n = schema.get("maxItems").and_then(Value::as_u64).unwrap_or(0) as usize;
-            let item = schema.get("items").map(worst_case_bytes).unwrap_or(0);
-            2 + n * (item + 1)
+            let item = schema
+                .get("items")
+                .map(|i| worst_case_bytes(i, gap))
+                .unwrap_or(0);
+            // [ gap (item gap , gap)* ]
+            2 + gap + n * (item + 1 + 2 * gap)
         }
         // Four UTF-8 bytes per character at most; an allowed escape is two.
         Some("string") => {
@@ -165,27 +217,68 @@ mod tests {
         }
     }
 
+    /// `v` as JSON text with `gap` after every JSON token but the last.
+    fn spaced(v: &Value, gap: &str) -> String {
+        match v {
+            Value::Object(m) => {
+                let fields: Vec<String> = m
+                    .iter()
+                    .map(|(k, v)| format!("{}{gap}:{gap}{}", json!(k), spaced(v, gap)))
+                    .collect();
+                format!("{{{gap}{}{gap}}}", fields.join(&format!("{gap},{gap}")))
+            }
+            Value::Array(a) => {
+                let items: Vec<String> = a.iter().map(|v| spaced(v, gap)).collect();
+                format!("[{gap}{}{gap}]", items.join(&format!("{gap},{gap}")))
+            }
+            other => other.to_string(),
+        }
+    }
+
     #[test]
     fn worst_case_covers_a_maximal_output() {
-        let limits = OutputLimits {
+        let small = OutputLimits {
             max_items: 2,
             max_text_chars: 5,
             max_label_chars: 3,
             max_tags: 2,
+            layout: JsonLayout::Compact,
         };
-        let schema = schema_for(Branch::Memory, &limits);
         let item = json!({"key": "😀😀😀", "value": "😀😀😀😀😀", "memory_type": "LongTermMemory",
                           "tags": ["😀😀😀", "😀😀😀"]});
         let maximal = json!({"memories": [item.clone(), item]});
-        let compact = serde_json::to_string(&maximal).unwrap();
-        assert!(
-            worst_case_tokens(&schema) >= compact.len(),
-            "{} < {}",
-            worst_case_tokens(&schema),
-            compact.len()
+        let widest_gap = format!("\n\n{}", " ".repeat(20));
+        assert_eq!(widest_gap.len(), GAP_BYTES);
+        for (layout, gap) in [
+            (JsonLayout::Compact, ""),
+            (JsonLayout::Spaced, &*widest_gap),
+        ] {
+            let schema = schema_for(Branch::Memory, &OutputLimits { layout, ..small });
+            let text = format!("{gap}{}", spaced(&maximal, gap));
+            let bound = worst_case_tokens(&schema);
+            assert!(bound >= text.len(), "{layout:?}: {bound} < {}", text.len());
+            // ...and is not absurdly loose either.
+            assert!(
+                bound < text.len() * 2,
+                "{layout:?}: {bound} vs {}",
+                text.len()
+            );
+        }
+    }
+
+    #[test]
+    fn the_spaced_layout_bounds_whitespace_and_compact_forbids_it() {
+        let spaced = schema_for(Branch::Memory, &OutputLimits::default());
+        assert_eq!(spaced["x-guidance"]["whitespace_pattern"], SPACED_GAP);
+        let compact = schema_for(
+            Branch::Memory,
+            &OutputLimits {
+                layout: JsonLayout::Compact,
+                ..OutputLimits::default()
+            },
         );
-        // ...and is not absurdly loose either.
-        assert!(worst_case_tokens(&schema) < compact.len() * 2);
+        assert!(compact["x-guidance"].get("whitespace_pattern").is_none());
+        assert!(worst_case_tokens(&spaced) > worst_case_tokens(&compact));
     }
 
     #[test]

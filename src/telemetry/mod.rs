@@ -13,8 +13,14 @@ use tracing_subscriber::EnvFilter;
 pub use metrics::{Metrics, Rejection};
 
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,mistralrs_core=warn,mistralrs=warn"));
+    init_with(json, "info,mistralrs_core=warn,mistralrs=warn");
+}
+
+/// Logging with another filter when `RUST_LOG` is unset: the offline commands log warnings only,
+/// so that their progress and report are not buried.
+pub fn init_with(json: bool, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // A second init (tests start several servers in one process) is not an error.
     let _ = if json {

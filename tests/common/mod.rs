@@ -118,7 +118,7 @@ pub fn spawn(args: Vec<String>) -> TestServer {
     let Command::Serve(args) = cli.command else {
         unreachable!()
     };
-    let model_dir = args.model.clone();
+    let model_dir = args.extractor.model.clone();
     memex::telemetry::init(false);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use candle_core::quantized::GgmlDType;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use rayon::prelude::*;
@@ -70,11 +71,37 @@ pub struct NativeOptions {
     pub prefix_cache: bool,
     /// Where the forward pass runs.
     pub device: NativeDevice,
+    /// What a safetensors checkpoint's linear layers become at load; `None`: the device's
+    /// default (`q8_0` on the CPU, the checkpoint's own precision on a GPU).
+    pub quantize: Option<Quantize>,
     /// Counters the step loop updates, read by `/metrics`.
     pub stats: Arc<NativeStats>,
     /// Fault injection for tests of a dying engine: the engine thread panics when it takes
     /// this many-th submission (the warm-up is the first). `None` in normal operation.
     pub panic_at_submission: Option<u64>,
+}
+
+/// `--quantize`: a safetensors checkpoint's linear layers as they load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    /// 8-bit blocks: logits within a few hundredths of the dense model's, a quarter of f32.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit blocks: an eighth of f32, at a visible cost in accuracy.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// Dense f32 on the CPU (bf16 on a GPU).
+    None,
+}
+
+impl Quantize {
+    fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::None => None,
+        }
+    }
 }
 
 /// Where the native engine runs its forward pass.
@@ -122,6 +149,7 @@ impl Default for NativeOptions {
             repetition_guard: 0.8,
             prefix_cache: true,
             device: NativeDevice::DEFAULT,
+            quantize: None,
             stats: Arc::default(),
             panic_at_submission: None,
         }
@@ -154,7 +182,11 @@ impl NativeEngine {
         let started = Instant::now();
         let (weights, tokenizer, chat) = match source {
             ModelSource::Safetensors { dir } => {
-                let w = weights::Weights::from_safetensors_dir(dir)?;
+                let quantize = opts.quantize.unwrap_or(match opts.device {
+                    NativeDevice::Cpu => Quantize::Q8_0,
+                    NativeDevice::Cuda | NativeDevice::CpuTensors => Quantize::None,
+                });
+                let w = weights::Weights::from_safetensors_dir(dir, quantize.ggml())?;
                 let (t, c) = tokenizer::from_hf_dir(dir)?;
                 (w, t, c)
             }
@@ -162,6 +194,13 @@ impl NativeEngine {
                 file,
                 tokenizer_dir,
             } => {
+                if let Some(q) = opts.quantize {
+                    anyhow::bail!(
+                        "--quantize {q:?} applies to safetensors checkpoints; the GGUF {} keeps \
+                         the types it was quantized to",
+                        file.display()
+                    );
+                }
                 let (w, content) = weights::Weights::from_gguf(file)?;
                 let (t, c) = match tokenizer_dir {
                     Some(dir) => tokenizer::from_hf_dir(dir)?,
@@ -171,6 +210,8 @@ impl NativeEngine {
             }
         };
         let vocab = weights.config.vocab;
+        let resident_bytes = weights.resident_bytes();
+        let weights_loaded = started.elapsed();
         let byte_tok = toktrie_hf_tokenizers::ByteTokenizer::from_tokenizer(tokenizer.clone())?;
         let env = byte_tok.into_tok_env(Some(vocab))?;
         let factory = Arc::new(ParserFactory::new_simple(&env)?);
@@ -244,6 +285,8 @@ impl NativeEngine {
         tracing::info!(
             model = %info.name,
             load_seconds = info.load_time.as_secs_f64(),
+            weights_seconds = weights_loaded.as_secs_f64(),
+            weights_mib = resident_bytes >> 20,
             "native engine loaded"
         );
         Ok(Self {
@@ -518,7 +561,7 @@ fn advance(
         s.matcher.consume_tokens(&forced).map_err(err)?;
         s.tokens.extend_from_slice(&forced);
     }
-    if s.matcher.is_stopped() || grammar_complete(&mut s.matcher, eos) {
+    if s.matcher.is_stopped() || grammar_complete(&mut s.matcher) {
         s.finish = Some(FinishReason::Stop);
     } else if s.generated() >= s.max_tokens {
         s.finish = Some(FinishReason::Length);
@@ -526,18 +569,9 @@ fn advance(
     Ok(())
 }
 
-/// True when the only thing the grammar still allows is an end token: the JSON is complete, and
-/// running the model once more just to sample that token would be wasted.
-fn grammar_complete(m: &mut Matcher, eos: &[u32]) -> bool {
-    if !m.is_accepting().unwrap_or(false) {
-        return false;
-    }
-    match m.compute_mask() {
-        Ok(mask) => {
-            let mut only_eos = true;
-            mask.iter_set_entries(|i| only_eos &= eos.contains(&(i as u32)));
-            only_eos
-        }
-        Err(_) => false,
-    }
+/// True once the JSON is complete. Our grammars are one top-level object, so an accepting
+/// matcher has just closed it: all it could still allow is trailing whitespace and an end token,
+/// and running the model again to sample those would be wasted.
+fn grammar_complete(m: &mut Matcher) -> bool {
+    m.is_accepting().unwrap_or(false)
 }

