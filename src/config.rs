@@ -202,10 +202,17 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_TOKENS_PER_MINUTE", default_value_t = 100_000)]
     pub tokens_per_minute: u32,
 
-    /// Requests generating at once; further requests queue.
-    #[arg(long, env = "MEMEX_MAX_CONCURRENT", default_value_t = 8,
+    /// Most requests generating at once: the cap of the adaptive limit, which admission moves
+    /// between 1 and this from measured latency (README, "Admission").
+    #[arg(long, env = "MEMEX_MAX_CONCURRENT", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent: u32,
+
+    /// Longest a request may take from arrival to answer, in seconds; a request predicted to
+    /// miss it is refused at once, one that reaches it is cancelled (503 either way). A client
+    /// may ask for less with the `x-request-timeout` header.
+    #[arg(long, env = "MEMEX_REQUEST_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub request_timeout: f64,
 
     /// Requests waiting for a generation slot; beyond it, 503 at once (0 = no queue).
     #[arg(long, env = "MEMEX_MAX_QUEUE", default_value_t = 64)]
@@ -349,6 +356,7 @@ impl ServeArgs {
             max_concurrent: self.max_concurrent as usize,
             max_queue: self.max_queue,
             queue_timeout: Duration::from_secs_f64(self.queue_timeout),
+            request_timeout: Duration::from_secs_f64(self.request_timeout),
         }
     }
 
@@ -380,8 +388,9 @@ mod tests {
         assert_eq!(args.extractor.pipeline().limits.max_items, 3);
         assert_eq!(args.addr().unwrap().to_string(), "0.0.0.0:8080");
         let admission = args.admission();
-        assert_eq!((admission.max_concurrent, admission.max_queue), (8, 64));
+        assert_eq!((admission.max_concurrent, admission.max_queue), (64, 64));
         assert_eq!(admission.queue_timeout, Duration::from_secs(30));
+        assert_eq!(admission.request_timeout, Duration::from_secs(30));
         assert_eq!(args.drain_timeout(), Duration::from_secs(30));
         assert!(args.metrics_addr().unwrap().is_none());
         let c = args.connections();

@@ -350,6 +350,137 @@ async fn queued_requests_time_out_with_503() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Deadlines
+
+/// POST a memory request asking for a deadline of `seconds` with `x-request-timeout`.
+async fn post_with_deadline(base: &str, n_tokens: usize, seconds: &str) -> Answer {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{EXTRACT}"))
+        .header("content-type", "application/json")
+        .header("x-request-timeout", seconds)
+        .body(memory_request(n_tokens))
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.expect("JSON body"))
+}
+
+#[tokio::test]
+async fn a_request_at_its_deadline_is_cancelled_and_frees_its_slot() {
+    let mut args = base_args(&tiny_model_dir());
+    args.extend(
+        [
+            "--no-auth",
+            "--max-concurrent",
+            "1",
+            "--queue-timeout",
+            "20",
+        ]
+        .map(String::from),
+    );
+    let s = spawn(args);
+    let started = Instant::now();
+    // 50 ms is far less than a 300-token generation takes on the tiny model.
+    let answer = post_with_deadline(&s.base, 200, "0.05").await;
+    assert_error(&answer, 503, 50004);
+    let msg = answer.2["message"].as_str().unwrap();
+    assert!(
+        msg.contains("deadline of 0.1 s") || msg.contains("deadline of 0.0 s"),
+        "{msg}"
+    );
+    assert!(retry_after(&answer) >= 1);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Its sequence and KV blocks go with it.
+    let mut text = scrape(&s).await;
+    for _ in 0..100 {
+        if metric(&text, "memex_engine_running_sequences") == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape(&s).await;
+    }
+    assert_eq!(metric(&text, "memex_engine_running_sequences"), Some(0.0));
+    assert_eq!(
+        metric(
+            &text,
+            "memex_rejections_total{reason=\"deadline_exceeded\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "memex_in_flight_requests"), Some(0.0));
+    // The only slot is free again: the next request is answered, not queued behind a ghost.
+    let answer = post(&s.base, EXTRACT, None, memory_request(40)).await;
+    assert_eq!(answer.0, 200, "{}", answer.2);
+    assert!(header_f64(&answer.1, "x-queue-time") < 1.0);
+    // A malformed header is the client's error.
+    let answer = post_with_deadline(&s.base, 20, "soon").await;
+    assert_error(&answer, 400, 40000);
+}
+
+#[tokio::test]
+async fn a_busy_server_refuses_at_once_what_it_cannot_answer_in_time() {
+    let mut args = base_args(&tiny_model_dir());
+    args.push("--no-auth".into());
+    let s = spawn(args);
+    // One at a time: never refused (nothing is outstanding when each arrives), and long enough
+    // in all for the server to measure its throughput.
+    let warm = Instant::now();
+    let mut i = 0;
+    while warm.elapsed() < Duration::from_secs(4) || i < 4 {
+        let answer = post_with_deadline(&s.base, 100 + i, "30").await;
+        assert_eq!(answer.0, 200, "{}", answer.2);
+        i += 1;
+    }
+    let text = scrape(&s).await;
+    assert_eq!(
+        metric(&text, "memex_rejections_total{reason=\"deadline\"}"),
+        Some(0.0)
+    );
+    // Twelve at once, each asking for an answer within a second: the work of twelve does not fit.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = post_with_deadline(&base, 300 + i, "1").await;
+            (answer, started.elapsed())
+        }));
+    }
+    let mut refused = 0;
+    let mut answered = 0;
+    for t in tasks {
+        let (answer, took) = t.await.unwrap();
+        if answer.0 == 200 {
+            answered += 1;
+            continue;
+        }
+        assert_error(&answer, 503, 50004);
+        let msg = answer.2["message"].as_str().unwrap();
+        if msg.contains("would finish") {
+            assert!(took < Duration::from_millis(500), "a refusal took {took:?}");
+            assert!(retry_after(&answer) >= 1);
+            refused += 1;
+        } else {
+            assert!(msg.contains("cancelled"), "{msg}");
+        }
+    }
+    assert!(
+        answered >= 1 && refused >= 1,
+        "{answered} answered, {refused} refused"
+    );
+    let text = scrape(&s).await;
+    assert_eq!(
+        metric(&text, "memex_rejections_total{reason=\"deadline\"}"),
+        Some(refused as f64)
+    );
+    assert!(metric(&text, "memex_predicted_service_seconds_count").unwrap() >= refused as f64);
+    assert!(metric(&text, "memex_admission_limit").unwrap() >= 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Metrics, headers, OpenAPI
 
 #[tokio::test]

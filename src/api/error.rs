@@ -56,7 +56,8 @@ pub enum ApiError {
     /// The caller's request rate (40300) or input-token quota (40301).
     #[error("{0}")]
     RateLimited(RateError),
-    /// Queue full, or no slot within the queue timeout.
+    /// Queue full, no slot within the queue timeout, a predicted completion past the deadline,
+    /// or cancelled at the deadline.
     #[error("{0}")]
     Overloaded(AdmissionError),
     #[error("server is not ready: {reason}")]
@@ -116,6 +117,10 @@ impl ApiError {
             Self::Unauthorized(_) => Rejection::Auth,
             Self::RateLimited(RateError::Requests { .. }) => Rejection::Rate,
             Self::RateLimited(_) => Rejection::Quota,
+            Self::Overloaded(AdmissionError::WouldMissDeadline { .. }) => Rejection::Deadline,
+            Self::Overloaded(AdmissionError::DeadlineExceeded { .. }) => {
+                Rejection::DeadlineExceeded
+            }
             Self::Overloaded(_) => Rejection::Overloaded,
             Self::Unavailable { .. } => Rejection::NotReady,
             Self::ExtractionFailed { .. } | Self::Internal(_) => return None,
@@ -126,8 +131,7 @@ impl ApiError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::RateLimited(e) => Some(e.retry_after_secs()),
-            // A slot frees when any generation ends: typically within seconds.
-            Self::Overloaded(_) => Some(1),
+            Self::Overloaded(e) => Some(e.retry_after_secs()),
             Self::Unavailable {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
@@ -292,8 +296,15 @@ mod tests {
             ),
             (
                 ApiError::Overloaded(AdmissionError::Full {
-                    max_concurrent: 1,
+                    limit: 1,
                     max_queue: 0,
+                }),
+                503,
+                50004,
+            ),
+            (
+                ApiError::Overloaded(AdmissionError::DeadlineExceeded {
+                    deadline: std::time::Duration::from_secs(30),
                 }),
                 503,
                 50004,
@@ -316,6 +327,11 @@ mod tests {
             }),
             ApiError::Overloaded(AdmissionError::TimedOut {
                 timeout: std::time::Duration::from_secs(1),
+            }),
+            ApiError::Overloaded(AdmissionError::WouldMissDeadline {
+                predicted: std::time::Duration::from_secs(40),
+                deadline: std::time::Duration::from_secs(30),
+                retry_after: std::time::Duration::from_millis(13_000),
             }),
             ApiError::Unavailable {
                 reason: "draining".into(),

@@ -9,7 +9,7 @@
 //! full) gives back the request cell and the tokens, since the server, not the client, turned the
 //! request away.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -20,6 +20,8 @@ use axum::{Extension, Json};
 use crate::api::error::ApiError;
 use crate::api::types::{Envelope, ExtractRequest};
 use crate::api::AppState;
+use crate::limits::admission::{Done, Work};
+use crate::limits::AdmissionError;
 use crate::pipeline::{ExtractInput, Extraction, PipelineError};
 use crate::telemetry::http::RequestRecord;
 
@@ -67,18 +69,24 @@ pub async fn extract_memory(
     }
 }
 
+/// The header a client sets to ask for a deadline shorter than `--request-timeout`, in seconds
+/// (fractions allowed). The official SDK's time-out is 30 s, the server's default.
+const REQUEST_TIMEOUT: &str = "x-request-timeout";
+
 async fn handle(
     state: &AppState,
     record: &RequestRecord,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
     // From the head alone: the body is not touched until the key and its rate are known.
     let caller = state
         .keys()
         .authenticate(headers.get(header::AUTHORIZATION))?;
     record.update(|f| f.key_hash = Some(caller.key_hash.clone()));
     caller.limiter.check_request()?;
+    let deadline = deadline(state, headers, arrived)?;
 
     require_json(headers)?;
     let body = read_body(state, headers, body).await?;
@@ -96,28 +104,81 @@ async fn handle(
     record.update(|f| f.input_tokens = Some(input_tokens));
 
     caller.limiter.charge_tokens(input_tokens)?;
-
-    let permit = state.admission().admit().await.inspect_err(|_| {
+    // The server, not the client, turns it away: the request cell and the tokens go back.
+    let refund = || {
         caller.limiter.refund_request();
         caller.limiter.refund_tokens(input_tokens);
-    })?;
-    let metrics = state.metrics();
-    metrics.queue_wait.observe(permit.queue_time.as_secs_f64());
-    metrics.input_tokens.inc_by(input_tokens as u64);
-    record.update(|f| f.queue_time = Some(permit.queue_time));
+    };
 
-    let extraction = extractor.run(prepared).await.inspect_err(|e| {
-        // A branch that failed for good was retried once first.
-        if let PipelineError::Branch { branch, .. } = e {
-            metrics
-                .branch_retries
-                .with_label_values(&[branch.name()])
-                .inc();
+    let admission = state.admission();
+    let work = Work {
+        prompt_tokens: prepared.prompt_tokens,
+        branches: prepared.branches(),
+    };
+    let metrics = state.metrics();
+    let generate = async {
+        let permit = admission.admit(work, deadline).await?;
+        metrics.queue_wait.observe(permit.queue_time.as_secs_f64());
+        metrics.input_tokens.inc_by(input_tokens as u64);
+        record.update(|f| f.queue_time = Some(permit.queue_time));
+        let extraction = extractor.run(prepared).await.inspect_err(|e| {
+            // A branch that failed for good was retried once first.
+            if let PipelineError::Branch { branch, .. } = e {
+                metrics
+                    .branch_retries
+                    .with_label_values(&[branch.name()])
+                    .inc();
+            }
+        })?;
+        Ok::<_, ApiError>((permit, extraction))
+    };
+    // At the deadline the whole future is dropped: its queue place or slot, and its engine
+    // sequences with their KV blocks, go at once.
+    let (permit, extraction) = match tokio::time::timeout_at(deadline.into(), generate).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            if matches!(e, ApiError::Overloaded(_)) {
+                refund();
+            }
+            return Err(e);
         }
-    })?;
+        Err(_) => {
+            refund();
+            return Err(ApiError::Overloaded(AdmissionError::DeadlineExceeded {
+                deadline: deadline.saturating_duration_since(arrived),
+            }));
+        }
+    };
     let queue_time = permit.queue_time;
-    drop(permit);
+    admission.finish(
+        permit,
+        Done {
+            prompt_tokens: extraction.branches.iter().map(|b| b.prompt_tokens).sum(),
+            generated_tokens: extraction.branches.iter().map(|b| b.generated_tokens).sum(),
+            branches: extraction.branches.len(),
+        },
+    );
     Ok(success(state, record, extraction, queue_time))
+}
+
+/// When the request must be answered: `--request-timeout` from arrival, or sooner when the
+/// client's `x-request-timeout` header (seconds) asks for less.
+fn deadline(state: &AppState, headers: &HeaderMap, arrived: Instant) -> Result<Instant, ApiError> {
+    let server = state.admission().config().request_timeout;
+    let Some(value) = headers.get(REQUEST_TIMEOUT) else {
+        return Ok(arrived + server);
+    };
+    let asked = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "{REQUEST_TIMEOUT} must be a number of seconds above 0"
+            ))
+        })?;
+    Ok(arrived + server.min(Duration::from_secs_f64(asked.min(86_400.0))))
 }
 
 /// `Content-Type: application/json` (parameters such as `charset` allowed). Anything else is

@@ -60,14 +60,17 @@ struct StateInner {
     extractor: OnceLock<Arc<Extractor>>,
     http: HttpConfig,
     keys: KeyRing,
-    admission: Admission,
+    admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
 }
 
 impl AppState {
     pub fn new(parts: Parts) -> Self {
-        let admission = Admission::new(parts.admission, parts.metrics.admission_gauges());
+        let admission = Arc::new(Admission::new(
+            parts.admission,
+            parts.metrics.admission_gauges(),
+        ));
         Self {
             inner: Arc::new(StateInner {
                 extractor: OnceLock::new(),
@@ -121,7 +124,7 @@ impl AppState {
         &self.inner.keys
     }
 
-    pub fn admission(&self) -> &Admission {
+    pub fn admission(&self) -> &Arc<Admission> {
         &self.inner.admission
     }
 

@@ -103,6 +103,15 @@ pub struct Prepared {
     language: DetectedLanguage,
     requests: Vec<(Branch, GenerateRequest)>,
     pub input_tokens: usize,
+    /// Prompt tokens over all branches: what admission predicts the request's cost from.
+    pub prompt_tokens: usize,
+}
+
+impl Prepared {
+    /// Branches the request will run (one engine sequence each).
+    pub fn branches(&self) -> usize {
+        self.requests.len()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -343,6 +352,7 @@ impl Extractor {
             language,
             requests,
             input_tokens,
+            prompt_tokens: counts.iter().sum(),
         })
     }
 
@@ -353,6 +363,7 @@ impl Extractor {
             language,
             requests,
             input_tokens,
+            ..
         } = prepared;
         let runs = requests
             .into_iter()

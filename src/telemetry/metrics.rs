@@ -33,6 +33,10 @@ pub enum Rejection {
     Quota,
     /// Queue full or queue wait timed out.
     Overloaded,
+    /// Refused at once: its predicted completion was past its deadline.
+    Deadline,
+    /// Admitted, then cancelled at its deadline (queued or generating).
+    DeadlineExceeded,
     /// Missing, malformed or unknown key.
     Auth,
     /// The request itself is wrong (400).
@@ -44,11 +48,13 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 10] = [
         Self::TooLong,
         Self::Rate,
         Self::Quota,
         Self::Overloaded,
+        Self::Deadline,
+        Self::DeadlineExceeded,
         Self::Auth,
         Self::Invalid,
         Self::NotReady,
@@ -61,6 +67,8 @@ impl Rejection {
             Self::Rate => "rate",
             Self::Quota => "quota",
             Self::Overloaded => "overloaded",
+            Self::Deadline => "deadline",
+            Self::DeadlineExceeded => "deadline_exceeded",
             Self::Auth => "auth",
             Self::Invalid => "invalid",
             Self::NotReady => "not_ready",
@@ -88,6 +96,8 @@ pub struct Metrics {
     pub cached_prompt_tokens: IntCounterVec,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
+    pub admission_limit: prometheus::Gauge,
+    pub predicted_service: Histogram,
     pub rejections: IntCounterVec,
     pub engine_errors: IntCounterVec,
     pub branch_retries: IntCounterVec,
@@ -127,6 +137,14 @@ impl Metrics {
                 ),
                 &["route"],
             )?,
+            admission_limit: prometheus::Gauge::new(
+                "memex_admission_limit",
+                "Requests allowed to generate at once: the adaptive limit (README, Admission)",
+            )?,
+            predicted_service: Histogram::with_opts(seconds(
+                "memex_predicted_service_seconds",
+                "Predicted time from admission to answer of each request, when the server was busy",
+            ))?,
             queue_wait: Histogram::with_opts(seconds(
                 "memex_queue_wait_seconds",
                 "Time admitted requests waited for a generation slot",
@@ -241,6 +259,8 @@ impl Metrics {
         r.register(Box::new(self.cached_prompt_tokens.clone()))?;
         r.register(Box::new(self.in_flight.clone()))?;
         r.register(Box::new(self.queued.clone()))?;
+        r.register(Box::new(self.admission_limit.clone()))?;
+        r.register(Box::new(self.predicted_service.clone()))?;
         r.register(Box::new(self.rejections.clone()))?;
         r.register(Box::new(self.engine_errors.clone()))?;
         r.register(Box::new(self.branch_retries.clone()))?;
@@ -253,6 +273,8 @@ impl Metrics {
         AdmissionGauges {
             in_flight: self.in_flight.clone(),
             queued: self.queued.clone(),
+            limit: self.admission_limit.clone(),
+            predicted: self.predicted_service.clone(),
         }
     }
 
