@@ -86,6 +86,7 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
     pub cached_prompt_tokens: IntCounterVec,
+    pub prefill_tokens: IntCounterVec,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     pub rejections: IntCounterVec,
@@ -160,6 +161,13 @@ impl Metrics {
                 Opts::new(
                     "memex_prompt_cached_tokens_total",
                     "Prompt tokens served from the engine's prefix cache, per branch",
+                ),
+                &["branch"],
+            )?,
+            prefill_tokens: IntCounterVec::new(
+                Opts::new(
+                    "memex_prefill_tokens_total",
+                    "Prompt tokens the engine computed (not served from its prefix cache), per branch",
                 ),
                 &["branch"],
             )?,
@@ -239,6 +247,7 @@ impl Metrics {
         r.register(Box::new(self.prompt_tokens.clone()))?;
         r.register(Box::new(self.generated_tokens.clone()))?;
         r.register(Box::new(self.cached_prompt_tokens.clone()))?;
+        r.register(Box::new(self.prefill_tokens.clone()))?;
         r.register(Box::new(self.in_flight.clone()))?;
         r.register(Box::new(self.queued.clone()))?;
         r.register(Box::new(self.rejections.clone()))?;
