@@ -147,7 +147,7 @@ fn session(tag: usize) -> String {
 fn prefill_request(tag: usize) -> GenerateRequest {
     let mut dialogue = corpus_dialogue("en-1000-1");
     dialogue.messages[0].content.insert_str(0, &session(tag));
-    let prompts = Prompts::new().unwrap();
+    let prompts = Prompts::new(None).unwrap();
     let lang = language::detect(&dialogue);
     let messages = prompts.render(Branch::Memory, &lang, &dialogue, 6).unwrap();
     GenerateRequest {

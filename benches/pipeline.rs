@@ -229,7 +229,7 @@ fn total(tok: &FastBpe, prompts: &Prompts, limits: &OutputLimits, case: &Case) -
 
 fn bench(c: &mut Criterion) {
     let tok = tokenizer();
-    let prompts = Prompts::new().unwrap();
+    let prompts = Prompts::new(None).unwrap();
     language::warm_up();
     let limits = OutputLimits::default();
     let cases = cases(&tok);

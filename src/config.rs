@@ -42,7 +42,11 @@ pub enum Command {
     Eval(crate::eval::EvalArgs),
     /// Print, as JSON lines, the engine requests (chat messages, JSON schema, token bound) that
     /// an /extract/memory request body read from stdin turns into. Needs no model.
-    Render,
+    Render {
+        /// A folder of templates replacing the built-in ones by file name, as for `serve`.
+        #[arg(long, env = "MEMEX_TEMPLATES")]
+        templates: Option<PathBuf>,
+    },
     /// Write a random-weight Qwen3 into a directory: the tiny one of tests and smoke runs, or
     /// one in the production extractor's shape for benchmarks.
     TinyModel {
@@ -133,6 +137,11 @@ pub struct ExtractorArgs {
     /// compact JSON).
     #[arg(long, env = "MEMEX_JSON_LAYOUT", value_enum, default_value_t = JsonLayout::Spaced)]
     pub json_layout: JsonLayout,
+
+    /// A folder of prompt templates replacing the built-in ones by file name (see README); a
+    /// template it lacks stays built in.
+    #[arg(long, env = "MEMEX_TEMPLATES")]
+    pub templates: Option<PathBuf>,
 
     /// Most sequences the engine runs at once.
     #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
@@ -290,6 +299,7 @@ impl ExtractorArgs {
                 max_tags: self.max_tags,
                 layout: self.json_layout,
             },
+            templates: self.templates.clone(),
         }
     }
 

@@ -19,7 +19,7 @@ async fn main() -> std::process::ExitCode {
             memex::telemetry::init_with(false, "warn");
             memex::eval::run(args).await.map(drop)
         }
-        Command::Render => render(),
+        Command::Render { templates } => render(templates.as_deref()),
         Command::TinyModel {
             dir,
             seed,
@@ -48,14 +48,19 @@ async fn serve(args: memex::config::ServeArgs) -> anyhow::Result<()> {
     running.task.await?
 }
 
-fn render() -> anyhow::Result<()> {
+fn render(templates: Option<&std::path::Path>) -> anyhow::Result<()> {
     use std::io::Read;
     let mut body = Vec::new();
     std::io::stdin().read_to_end(&mut body)?;
     let req = memex::api::types::ExtractRequest::from_json(&body)?;
     let limits = memex::pipeline::schema::OutputLimits::default();
-    let requests =
-        memex::pipeline::Extractor::render(req.messages, req.extraction_types.as_deref(), &limits)?;
+    let prompts = memex::pipeline::prompt::Prompts::new(templates)?;
+    let requests = memex::pipeline::Extractor::render(
+        req.messages,
+        req.extraction_types.as_deref(),
+        &limits,
+        &prompts,
+    )?;
     for (branch, r) in requests {
         let messages: Vec<serde_json::Value> = r
             .messages

@@ -321,3 +321,72 @@ fn directory_missing_a_tokenizer_fails_naming_the_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
 }
+
+/// One prefill per dialogue: a request's three branch prompts start with the same dialogue, so
+/// the native engine computes its KV blocks for one branch and the other two reuse them, even
+/// though all three are submitted at once.
+#[test]
+fn a_requests_branches_compute_its_dialogue_once() {
+    use memex::api::types::{Role, WireMessage};
+    use memex::pipeline::{ExtractInput, Extractor, PipelineConfig};
+    rt().block_on(async {
+        let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
+        let engine = memex::engine::load(
+            EngineKind::Native,
+            &source,
+            &MistralOptions::default(),
+            &NativeOptions::default(),
+        )
+        .await
+        .unwrap();
+        let config = PipelineConfig {
+            limits: OutputLimits {
+                max_items: 1,
+                max_text_chars: 8,
+                max_label_chars: 4,
+                max_tags: 1,
+                ..OutputLimits::default()
+            },
+            ..PipelineConfig::default()
+        };
+        let extractor = Extractor::new(engine, config).unwrap();
+        // Two user turns, so the implicit branch runs too; about 1,200 bytes, and the tiny
+        // model's tokenizer is byte-level: about 1,200 dialogue tokens.
+        let turn = |role, text: &str| WireMessage {
+            role,
+            content: Some(text.repeat(12)),
+            chat_time: None,
+        };
+        let messages = vec![
+            turn(Role::User, "I moved to Hangzhou and I cycle to work. "),
+            turn(Role::Assistant, "That sounds like a pleasant commute. "),
+            turn(
+                Role::User,
+                "I also swim twice a week, never in the morning. ",
+            ),
+        ];
+        let dialogue_bytes: usize = messages
+            .iter()
+            .map(|m| m.content.as_ref().unwrap().len())
+            .sum();
+        let out = extractor
+            .extract(ExtractInput {
+                messages: Some(messages),
+                extraction_types: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(out.branches.len(), 3);
+        let prompt: usize = out.branches.iter().map(|b| b.prompt_tokens).sum();
+        let prefill: usize = out.branches.iter().map(|b| b.prefill_tokens()).sum();
+        let cached: usize = out.branches.iter().map(|b| b.cached_prompt_tokens).sum();
+        assert_eq!(prefill + cached, prompt);
+        // Two of the three branches took the dialogue from the cache, to within the partial
+        // block at its end; with the instructions first they would each have computed it.
+        assert!(
+            cached >= 2 * (dialogue_bytes - 16),
+            "{cached} tokens cached of {prompt}; the dialogue is ~{dialogue_bytes} tokens"
+        );
+        assert!(prefill < prompt - 2 * (dialogue_bytes - 16));
+    });
+}

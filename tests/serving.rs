@@ -510,9 +510,15 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
         "x-prompt-tokens",
         "x-generated-tokens",
         "x-cached-prompt-tokens",
+        "x-prefill-tokens",
     ] {
         assert!(header_f64_or_id(&ok.1, h), "{h} missing or not a number");
     }
+    // What the engine computed is what it was sent less what its prefix cache served.
+    assert_eq!(
+        header_f64(&ok.1, "x-prefill-tokens"),
+        header_f64(&ok.1, "x-prompt-tokens") - header_f64(&ok.1, "x-cached-prompt-tokens")
+    );
     assert!(header_f64(&ok.1, "x-inference-time") > 0.0);
     assert!(header_f64(&ok.1, "x-generated-tokens") > 0.0);
     let invalid = post(&s.base, EXTRACT, key, b"{not json".to_vec()).await;
@@ -539,6 +545,7 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
         "memex_generation_duration_seconds_count{branch=\"explicit_preference\"}",
         "memex_generation_duration_seconds_count{branch=\"implicit_preference\"}",
         "memex_prompt_tokens_total{branch=\"memory\"}",
+        "memex_prefill_tokens_total{branch=\"memory\"}",
         "memex_generated_tokens_total{branch=\"memory\"}",
         "memex_input_tokens_total",
         "memex_rejections_total{reason=\"invalid\"}",

@@ -274,6 +274,10 @@ fn success(
             .cached_prompt_tokens
             .with_label_values(&branch)
             .inc_by(b.cached_prompt_tokens as u64);
+        metrics
+            .prefill_tokens
+            .with_label_values(&branch)
+            .inc_by(b.prefill_tokens() as u64);
         if b.attempts > 1 {
             metrics
                 .branch_retries
@@ -288,6 +292,7 @@ fn success(
         .iter()
         .map(|b| b.cached_prompt_tokens)
         .sum();
+    let prefill: usize = extraction.branches.iter().map(|b| b.prefill_tokens()).sum();
     // Branches run concurrently: the request waited for the longest one.
     let inference = extraction
         .branches
@@ -333,6 +338,7 @@ fn success(
     set_header(headers, "x-prompt-tokens", &prompt_tokens.to_string());
     set_header(headers, "x-generated-tokens", &generated.to_string());
     set_header(headers, "x-cached-prompt-tokens", &cached.to_string());
+    set_header(headers, "x-prefill-tokens", &prefill.to_string());
     set_header(headers, "x-queue-time", &seconds(queue_time));
     set_header(headers, "x-inference-time", &seconds(inference));
     set_header(headers, "x-language", extraction.language);

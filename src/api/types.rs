@@ -26,6 +26,17 @@ pub enum Role {
     System,
 }
 
+impl Role {
+    /// The wire name, as prompts show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::System => "system",
+        }
+    }
+}
+
 /// One dialogue message as sent. Text only: any other field is rejected, not dropped.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -87,6 +87,14 @@ pub struct BranchStats {
     pub attempts: u32,
 }
 
+impl BranchStats {
+    /// Prompt tokens the engine computed: the rest came from its prefix cache (the template
+    /// prefix, or the dialogue a sibling branch computed).
+    pub fn prefill_tokens(&self) -> usize {
+        self.prompt_tokens.saturating_sub(self.cached_prompt_tokens)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Extraction {
     pub data: ExtractData,
@@ -118,6 +126,8 @@ impl Prepared {
 pub struct PipelineConfig {
     pub max_input_tokens: usize,
     pub limits: OutputLimits,
+    /// A folder whose `.j2` files replace the built-in templates of the same name.
+    pub templates: Option<std::path::PathBuf>,
 }
 
 impl Default for PipelineConfig {
@@ -125,6 +135,7 @@ impl Default for PipelineConfig {
         Self {
             max_input_tokens: 8_000,
             limits: OutputLimits::default(),
+            templates: None,
         }
     }
 }
@@ -148,8 +159,10 @@ const LANGUAGE_NOTE_MARGIN: usize = 48;
 
 impl Extractor {
     pub fn new(engine: Arc<dyn Engine>, config: PipelineConfig) -> anyhow::Result<Self> {
-        let prompts = Prompts::new()?;
-        prompts.self_check()?;
+        let prompts = Prompts::new(config.templates.as_deref())?;
+        for (name, file) in prompts.overridden() {
+            tracing::info!(template = name, file = %file.display(), "template overridden");
+        }
         language::warm_up();
         Ok(Self {
             engine,
@@ -404,17 +417,14 @@ impl Extractor {
         messages: Option<Vec<WireMessage>>,
         extraction_types: Option<&[ExtractionType]>,
         limits: &OutputLimits,
+        prompts: &Prompts,
     ) -> Result<Vec<(Branch, GenerateRequest)>, PipelineError> {
         let dialogue = clean::clean(messages)?;
         let language = language::detect(&dialogue);
-        let prompts = Prompts::new().map_err(|e| PipelineError::Branch {
-            branch: Branch::Memory,
-            reason: format!("prompt templates: {e}"),
-        })?;
         branch::choose(Requested::from_types(extraction_types), &dialogue)
             .into_iter()
             .map(|branch| {
-                let request = branch_request(&prompts, branch, &language, &dialogue, limits)?;
+                let request = branch_request(prompts, branch, &language, &dialogue, limits)?;
                 Ok((branch, request))
             })
             .collect()

@@ -1,22 +1,42 @@
 //! Step 4: render a branch's prompt from `templates/`.
 //!
-//! Templates are compiled into the binary (one file per branch and language, plus a system prompt
-//! and the shared dialogue block), so a deployed server cannot drift from the templates it was
-//! tested with. Each prompt puts the fixed instructions first and the dialogue last: everything
-//! before the dialogue is a prefix shared by every request of that branch and language.
+//! Every branch's prompt is the same system message and one user message: the dialogue first
+//! (`dialogue.<lang>.j2`, the same bytes for every branch), then [`SEPARATOR`], then the branch's
+//! own instructions (`<branch>.<lang>.j2`). So the three prompts of one request share everything up
+//! to the instructions, and the engine's prefix cache computes the dialogue's KV blocks once per
+//! request instead of once per branch: a 1,500-token dialogue costs 1,500 prompt tokens of work,
+//! not 4,500 (`docs/performance.md`). The instructions are no longer a prefix shared across
+//! requests; they are a few hundred tokens, recomputed per branch.
+//!
+//! The templates are compiled in; `--templates DIR` replaces any of them by file name (the rest
+//! stay built in), for an extractor fine-tuned on its own prompt format. At start every template
+//! must parse and keep the structure above (the dialogue in the dialogue template only), or the
+//! server refuses to start, naming the file.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
 use minijinja::{context, Environment};
 use serde::Serialize;
 
+use crate::api::types::Role;
 use crate::engine::{PromptMessage, PromptRole};
 use crate::pipeline::branch::Branch;
-use crate::pipeline::clean::Dialogue;
+use crate::pipeline::clean::{Dialogue, Message};
 use crate::pipeline::language::{DetectedLanguage, TemplateLang};
 
+/// The templates memex renders, by file name (the names `--templates DIR` may override).
 const TEMPLATES: &[(&str, &str)] = &[
-    ("dialogue.j2", include_str!("../../templates/dialogue.j2")),
     ("system.en.j2", include_str!("../../templates/system.en.j2")),
     ("system.zh.j2", include_str!("../../templates/system.zh.j2")),
+    (
+        "dialogue.en.j2",
+        include_str!("../../templates/dialogue.en.j2"),
+    ),
+    (
+        "dialogue.zh.j2",
+        include_str!("../../templates/dialogue.zh.j2"),
+    ),
     ("memory.en.j2", include_str!("../../templates/memory.en.j2")),
     ("memory.zh.j2", include_str!("../../templates/memory.zh.j2")),
     (
@@ -37,8 +57,16 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Ends the part of the user message every branch shares. Both parts are trimmed, so the
+/// instructions start with a visible character right after this line break: byte-level BPE
+/// splits a run of line breaks off from the word after it (Qwen2's and GPT-2's rules alike), and
+/// the shared part tokenizes identically in every branch.
+pub const SEPARATOR: &str = "\n\n";
+
 pub struct Prompts {
     env: Environment<'static>,
+    /// Where each overridden template came from, for error messages.
+    overridden: Vec<(&'static str, PathBuf)>,
 }
 
 #[derive(Serialize)]
@@ -49,16 +77,42 @@ struct TemplateMessage<'a> {
 }
 
 impl Prompts {
-    pub fn new() -> Result<Self, minijinja::Error> {
+    /// The built-in templates, each replaced by `overrides/<name>` where that file exists.
+    pub fn new(overrides: Option<&Path>) -> anyhow::Result<Self> {
         let mut env = Environment::new();
-        // Keep the text exactly as written: no trailing-newline games across includes.
+        // Keep the text exactly as written: no trailing-newline games.
         env.set_keep_trailing_newline(false);
-        for (name, source) in TEMPLATES {
-            env.add_template(name, source)?;
+        // A variable a template does not get (`messages` in a branch template) is an error at
+        // start, not silently empty text.
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        let mut overridden = Vec::new();
+        if let Some(dir) = overrides {
+            check_names(dir)?;
         }
-        // Fail at start, not on the first request, if a template does not render.
-        let prompts = Self { env };
+        for &(name, builtin) in TEMPLATES {
+            let file = overrides.map(|d| d.join(name)).filter(|f| f.is_file());
+            let source = match &file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("template {}", f.display()))?,
+                None => builtin.to_string(),
+            };
+            let origin = file
+                .as_ref()
+                .map_or(name.to_string(), |f| f.display().to_string());
+            env.add_template_owned(name, source)
+                .with_context(|| format!("template {origin} does not parse"))?;
+            if let Some(f) = file {
+                overridden.push((name, f));
+            }
+        }
+        let prompts = Self { env, overridden };
+        prompts.self_check()?;
         Ok(prompts)
+    }
+
+    /// The templates `--templates` replaced, with the files they came from.
+    pub fn overridden(&self) -> &[(&'static str, PathBuf)] {
+        &self.overridden
     }
 
     /// The system and user messages for one branch.
@@ -70,71 +124,136 @@ impl Prompts {
         max_items: usize,
     ) -> Result<Vec<PromptMessage>, minijinja::Error> {
         let lang = language.template.code();
-        let messages: Vec<TemplateMessage> = dialogue
-            .messages
-            .iter()
-            .map(|m| TemplateMessage {
-                role: match m.role {
-                    crate::api::types::Role::User => "user",
-                    crate::api::types::Role::Assistant => "assistant",
-                    crate::api::types::Role::System => "system",
-                },
-                content: &m.content,
-                chat_time: m.chat_time.as_deref(),
-            })
-            .collect();
-        let ctx = context! {
-            messages => messages,
-            language => language.name,
-            max_items => max_items,
-        };
-        let system = self
-            .env
-            .get_template(&format!("system.{lang}.j2"))?
-            .render(&ctx)?;
-        let user = self
-            .env
-            .get_template(&format!("{}.{lang}.j2", branch.name()))?
-            .render(&ctx)?;
+        let ctx = context! { language => language.name, max_items => max_items };
+        let system = self.render_one(&format!("system.{lang}.j2"), &ctx)?;
+        let shared = self.shared_part(language, dialogue)?;
+        let instructions = self.render_one(&format!("{}.{lang}.j2", branch.name()), &ctx)?;
         Ok(vec![
             PromptMessage {
                 role: PromptRole::System,
-                content: system.trim().to_string(),
+                content: system,
             },
             PromptMessage {
                 role: PromptRole::User,
-                content: user.trim().to_string(),
+                content: format!("{shared}{instructions}"),
             },
         ])
     }
 
-    /// Every template renders for every branch and language (checked at start-up).
-    pub fn self_check(&self) -> Result<(), minijinja::Error> {
-        let dialogue = Dialogue {
-            messages: vec![crate::pipeline::clean::Message {
-                role: crate::api::types::Role::User,
-                content: "check".into(),
-                chat_time: None,
+    /// The start of the user message that every branch of a request shares: the dialogue and
+    /// [`SEPARATOR`].
+    pub fn shared_part(
+        &self,
+        language: &DetectedLanguage,
+        dialogue: &Dialogue,
+    ) -> Result<String, minijinja::Error> {
+        let messages: Vec<TemplateMessage> = dialogue
+            .messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m.role.as_str(),
+                content: &m.content,
+                chat_time: m.chat_time.as_deref(),
+            })
+            .collect();
+        let ctx = context! { messages => messages, language => language.name };
+        let lang = language.template.code();
+        let text = self.render_one(&format!("dialogue.{lang}.j2"), &ctx)?;
+        Ok(format!("{text}{SEPARATOR}"))
+    }
+
+    fn render_one(&self, name: &str, ctx: &minijinja::Value) -> Result<String, minijinja::Error> {
+        let text = self.env.get_template(name)?.render(ctx)?;
+        Ok(text.trim().to_string())
+    }
+
+    /// The file a template came from, for messages.
+    fn origin(&self, name: &str) -> String {
+        self.overridden
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(format!("built-in {name}"), |(_, f)| f.display().to_string())
+    }
+
+    /// Every template renders for every branch and language, the dialogue template shows every
+    /// message, and no branch template depends on the dialogue (which would end the shared
+    /// prefix early and prefill the dialogue once per branch again).
+    fn self_check(&self) -> anyhow::Result<()> {
+        let one = |content: &str| Dialogue {
+            messages: vec![Message {
+                role: Role::User,
+                content: content.into(),
+                chat_time: Some("2025-01-02 03:04".into()),
             }],
         };
+        let (a, b) = (one("MARKER-A"), one("MARKER-B"));
         for lang in [TemplateLang::En, TemplateLang::Zh] {
             let language = DetectedLanguage {
                 template: lang,
                 name: "English",
             };
-            for b in Branch::ALL {
-                self.render(b, &language, &dialogue, 1)?;
+            let code = lang.code();
+            let dialogue = format!("dialogue.{code}.j2");
+            let shared = self
+                .shared_part(&language, &a)
+                .with_context(|| format!("template {} does not render", self.origin(&dialogue)))?;
+            if !shared.contains("MARKER-A") {
+                bail!(
+                    "template {} does not show the messages' content",
+                    self.origin(&dialogue)
+                );
+            }
+            let shared_b = self.shared_part(&language, &b)?;
+            for branch in Branch::ALL {
+                let name = format!("{}.{code}.j2", branch.name());
+                // The instructions of one branch, for a dialogue and its shared part.
+                let instructions = |d: &Dialogue, shared: &str| -> anyhow::Result<String> {
+                    let m = self.render(branch, &language, d, 3).with_context(|| {
+                        format!(
+                            "template {} does not render (a branch template gets `language` \
+                             and `max_items`; the dialogue comes from {dialogue}, before it)",
+                            self.origin(&name)
+                        )
+                    })?;
+                    Ok(m[1].content.strip_prefix(shared).unwrap_or_default().into())
+                };
+                let with_a = instructions(&a, &shared)?;
+                if with_a.is_empty() || with_a != instructions(&b, &shared_b)? {
+                    bail!(
+                        "template {} must hold only the {branch} branch's instructions: the \
+                         dialogue comes from {dialogue}, before them, shared by every branch",
+                        self.origin(&name)
+                    );
+                }
             }
         }
         Ok(())
     }
 }
 
+/// A `.j2` file in the override folder that memex would never read is most likely a misspelt
+/// name: refuse it rather than silently serve the built-in template.
+fn check_names(dir: &Path) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("templates folder {}", dir.display()))?;
+    for entry in entries {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".j2") && !TEMPLATES.iter().any(|(n, _)| *n == name) {
+            let known: Vec<&str> = TEMPLATES.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "{}: not a template memex uses (known: {})",
+                dir.join(&*name).display(),
+                known.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::Role;
-    use crate::pipeline::clean::Message;
 
     fn dialogue() -> Dialogue {
         Dialogue {
@@ -157,10 +276,13 @@ mod tests {
         DetectedLanguage { template, name }
     }
 
+    fn builtin() -> Prompts {
+        Prompts::new(None).unwrap()
+    }
+
     #[test]
-    fn chinese_memory_prompt_is_chinese_and_ends_with_the_dialogue() {
-        let p = Prompts::new().unwrap();
-        let msgs = p
+    fn chinese_memory_prompt_is_chinese_dialogue_first() {
+        let msgs = builtin()
             .render(
                 Branch::Memory,
                 &lang(TemplateLang::Zh, "Chinese"),
@@ -169,19 +291,26 @@ mod tests {
             )
             .unwrap();
         assert_eq!(msgs[0].role, PromptRole::System);
-        assert!(msgs[0].content.contains("记忆提取引擎"));
+        // Every task's rules are in the system message, shared by all requests of a language.
+        let system = &msgs[0].content;
+        assert!(
+            system.contains("记忆提取引擎") && system.contains("最多 7 条"),
+            "{system}"
+        );
+        assert!(system.contains("显式偏好") && system.contains("隐式偏好"));
         let user = &msgs[1].content;
         assert!(
-            user.contains("提取事实记忆") && user.contains("最多 7 条"),
+            user.starts_with(
+                "对话：\n[user | 2025-06-02 10:00] 我下周三飞北京\n[assistant] 好的\n\n任务“事实记忆”"
+            ),
             "{user}"
         );
-        assert!(user.ends_with("[assistant] 好的"), "{user}");
-        assert!(user.contains("[user | 2025-06-02 10:00] 我下周三飞北京"));
+        assert!(user.ends_with("字段。"), "{user}");
     }
 
     #[test]
     fn english_prompts_ask_for_the_dialogue_language_when_not_english() {
-        let p = Prompts::new().unwrap();
+        let p = builtin();
         for b in Branch::ALL {
             let fr = p
                 .render(b, &lang(TemplateLang::En, "French"), &dialogue(), 3)
@@ -197,21 +326,155 @@ mod tests {
         }
     }
 
+    /// The three branches' user messages start with the same dialogue text, and only the
+    /// instructions after it differ.
     #[test]
-    fn the_text_before_the_dialogue_is_shared_by_different_dialogues() {
-        let p = Prompts::new().unwrap();
-        let l = lang(TemplateLang::En, "English");
-        let a = p.render(Branch::Memory, &l, &dialogue(), 5).unwrap();
-        let mut other = dialogue();
-        other.messages[0].content = "something else entirely".into();
-        let b = p.render(Branch::Memory, &l, &other, 5).unwrap();
-        let prefix = a[1].content.split("Dialogue:").next().unwrap();
-        assert!(b[1].content.starts_with(prefix));
-        assert_eq!(a[0], b[0]);
+    fn every_branch_starts_with_the_same_dialogue() {
+        let p = builtin();
+        for l in [
+            lang(TemplateLang::En, "English"),
+            lang(TemplateLang::Zh, "Chinese"),
+        ] {
+            let shared = p.shared_part(&l, &dialogue()).unwrap();
+            assert!(shared.ends_with("好的\n\n"), "{shared}");
+            let users: Vec<String> = Branch::ALL
+                .iter()
+                .map(|&b| p.render(b, &l, &dialogue(), 4).unwrap()[1].content.clone())
+                .collect();
+            for u in &users {
+                assert!(u.starts_with(&shared), "{u}");
+                assert!(u.len() > shared.len() + 50, "{u}");
+            }
+            assert_ne!(users[0], users[1]);
+            assert_ne!(users[1], users[2]);
+        }
+    }
+
+    /// What the engine's prefix cache needs: the token ids of the shared part, in the chat
+    /// template, are a prefix of every branch prompt's token ids, so that its KV blocks are the
+    /// same blocks in all three. Checked with the real Qwen3 tokenizer and chat template, on
+    /// dialogues whose last characters could merge with what follows.
+    #[test]
+    fn the_branch_prompts_share_the_dialogue_tokens_exactly() {
+        let Some(tokenizer) = crate::test_files::cached(
+            "models/qwen3-tokenizer/tokenizer.json",
+            "the_branch_prompts_share_the_dialogue_tokens_exactly",
+            "--qwen3-tokenizer",
+        ) else {
+            return;
+        };
+        let (tok, chat) =
+            crate::engine::native::tokenizer::from_hf_dir(tokenizer.parent().unwrap()).unwrap();
+        let p = builtin();
+        let endings = [
+            "好的",
+            "Sure!",
+            "see you at 10:00 ",
+            "ok。\t",
+            "done:)",
+            "IT'S",
+        ];
+        for (l, ending) in [
+            lang(TemplateLang::En, "English"),
+            lang(TemplateLang::Zh, "Chinese"),
+        ]
+        .into_iter()
+        .flat_map(|l| endings.map(move |e| (l.clone(), e)))
+        {
+            let mut d = dialogue();
+            d.messages[1].content = ending.trim().to_string();
+            let shared = p.shared_part(&l, &d).unwrap();
+            let encode = |text: &str| tok.encode_fast(text, false).unwrap().get_ids().to_vec();
+            let mut lens = Vec::new();
+            for b in Branch::ALL {
+                let text = chat.render(&p.render(b, &l, &d, 4).unwrap()).unwrap();
+                let end = text.find(&shared).unwrap() + shared.len();
+                let (prefix, all) = (encode(&text[..end]), encode(&text));
+                assert_eq!(
+                    all[..prefix.len()],
+                    prefix[..],
+                    "{b} {ending:?}: the shared part tokenizes differently in this prompt"
+                );
+                lens.push(prefix.len());
+            }
+            assert!(lens.windows(2).all(|w| w[0] == w[1]), "{lens:?}");
+        }
+    }
+
+    fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn refusal(files: &[(&str, &str)]) -> String {
+        let dir = folder(files);
+        match Prompts::new(Some(dir.path())) {
+            Ok(_) => panic!("{files:?} accepted"),
+            Err(e) => format!("{e:#}"),
+        }
     }
 
     #[test]
-    fn self_check_renders_everything() {
-        Prompts::new().unwrap().self_check().unwrap();
+    fn a_templates_folder_overrides_by_name_and_falls_back_for_the_rest() {
+        let dir = folder(&[(
+            "memory.en.j2",
+            "Only facts, at most {{ max_items }}, please. Reply in JSON.",
+        )]);
+        let p = Prompts::new(Some(dir.path())).unwrap();
+        assert_eq!(p.overridden().len(), 1);
+        let l = lang(TemplateLang::En, "English");
+        let memory = p.render(Branch::Memory, &l, &dialogue(), 5).unwrap();
+        assert!(
+            memory[1]
+                .content
+                .ends_with("\n\nOnly facts, at most 5, please. Reply in JSON."),
+            "{}",
+            memory[1].content
+        );
+        let builtin = builtin();
+        for b in [Branch::ExplicitPreference, Branch::ImplicitPreference] {
+            assert_eq!(
+                p.render(b, &l, &dialogue(), 5).unwrap(),
+                builtin.render(b, &l, &dialogue(), 5).unwrap()
+            );
+        }
+        assert_eq!(
+            memory[0],
+            builtin.render(Branch::Memory, &l, &dialogue(), 5).unwrap()[0]
+        );
+    }
+
+    #[test]
+    fn broken_or_misplaced_templates_are_refused_naming_the_file() {
+        let e = refusal(&[("system.zh.j2", "{% if %}")]);
+        assert!(
+            e.contains("system.zh.j2") && e.contains("does not parse"),
+            "{e}"
+        );
+
+        let e = refusal(&[("memory.zh.j2", "{{ undefined_filter | nope }}")]);
+        assert!(e.contains("memory.zh.j2"), "{e}");
+
+        // A branch template that shows the dialogue would end the shared prefix early.
+        let e = refusal(&[(
+            "explicit_preference.en.j2",
+            "{% for m in messages %}{{ m.content }}{% endfor %} Extract preferences.",
+        )]);
+        assert!(
+            e.contains("explicit_preference.en.j2") && e.contains("dialogue.en.j2"),
+            "{e}"
+        );
+
+        let e = refusal(&[("dialogue.zh.j2", "对话如下。")]);
+        assert!(e.contains("dialogue.zh.j2") && e.contains("content"), "{e}");
+
+        let e = refusal(&[("memory.english.j2", "typo")]);
+        assert!(
+            e.contains("memory.english.j2") && e.contains("memory.en.j2"),
+            "{e}"
+        );
     }
 }

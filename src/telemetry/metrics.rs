@@ -94,6 +94,7 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
     pub cached_prompt_tokens: IntCounterVec,
+    pub prefill_tokens: IntCounterVec,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     pub admission_limit: prometheus::Gauge,
@@ -181,6 +182,13 @@ impl Metrics {
                 ),
                 &["branch"],
             )?,
+            prefill_tokens: IntCounterVec::new(
+                Opts::new(
+                    "memex_prefill_tokens_total",
+                    "Prompt tokens the engine computed (not served from its prefix cache), per branch",
+                ),
+                &["branch"],
+            )?,
             generated_tokens: IntCounterVec::new(
                 Opts::new(
                     "memex_generated_tokens_total",
@@ -257,6 +265,7 @@ impl Metrics {
         r.register(Box::new(self.prompt_tokens.clone()))?;
         r.register(Box::new(self.generated_tokens.clone()))?;
         r.register(Box::new(self.cached_prompt_tokens.clone()))?;
+        r.register(Box::new(self.prefill_tokens.clone()))?;
         r.register(Box::new(self.in_flight.clone()))?;
         r.register(Box::new(self.queued.clone()))?;
         r.register(Box::new(self.admission_limit.clone()))?;
