@@ -9,6 +9,10 @@
 //   TIMEOUT      client timeout per request (default "300s"): a request that takes longer counts
 //                as timed out (status_timeout)
 //   SEED         makes the request sequence reproducible (default 1)
+//   RUN          tags every dialogue of this run (the runner sets one per k6 run): the first
+//                message starts with `[RUN:i] `, so that no request repeats a dialogue of
+//                another request or another run and the prefix cache serves only what real
+//                traffic shares (the templates), never a whole repeated dialogue
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { SharedArray } from 'k6/data';
@@ -20,6 +24,7 @@ export const TIMEOUT = __ENV.TIMEOUT || '300s';
 const MAX_TOKENS = parseInt(__ENV.MAX_TOKENS || '6000', 10);
 const LANGS = (__ENV.LANGS || 'en,zh').split(',').map((s) => s.trim()).filter(Boolean);
 const SEED = parseInt(__ENV.SEED || '1', 10);
+const RUN = __ENV.RUN || `seed${SEED}`;
 
 // The corpus (loadtest/corpus/*.json, written by gen_corpus.py), parsed once and shared by VUs.
 export const corpus = new SharedArray('dialogues', function () {
@@ -64,6 +69,8 @@ for (const s of STATUS_KEYS) statusCounters[s] = new Counter(`status_${s}`);
 // Latency of successful (200) responses only, in ms: fast 429/503 rejections would otherwise
 // flatter the percentiles.
 export const latencyOk = new Trend('latency_ok', true);
+// Latency of refusals (429, 503), in ms: shedding must be instant, not a wait.
+export const latencyShed = new Trend('latency_shed', true);
 // 200s that completed inside the load window (see inWindow): throughput without the tail.
 export const okInWindow = new Counter('ok_in_window');
 
@@ -127,8 +134,12 @@ export function iterationIndex() {
   return exec.scenario.iterationInTest;
 }
 
-export function body(dialogue, variant) {
-  const b = { messages: dialogue.messages };
+export function body(dialogue, variant, tag) {
+  let messages = dialogue.messages;
+  if (tag) {
+    messages = messages.map((m, i) => (i === 0 ? Object.assign({}, m, { content: tag + m.content }) : m));
+  }
+  const b = { messages };
   if (variant.types) b.extraction_types = variant.types;
   return JSON.stringify(b);
 }
@@ -144,8 +155,10 @@ export function extract(dialogue, variant, opts) {
     tags: { name: 'extract', variant: variant.name, lang: dialogue.lang, size: String(dialogue.size) },
   };
   if (o.shedding) params.responseCallback = http.expectedStatuses(200, 429, 503);
-  const res = http.post(`${BASE_URL}${o.path || '/extract/memory'}`, body(dialogue, variant), params);
+  const tag = `[${RUN}:${exec.scenario.name}:${exec.scenario.iterationInTest}] `;
+  const res = http.post(`${BASE_URL}${o.path || '/extract/memory'}`, body(dialogue, variant, tag), params);
   statusCounters[statusKey(res)].add(1);
+  if (res.status === 429 || res.status === 503) latencyShed.add(res.timings.duration);
   if (res.status === 200) {
     latencyOk.add(res.timings.duration);
     if (o.window && inWindow(o.window)) okInWindow.add(1);

@@ -42,6 +42,10 @@ async fn fifty_clients_disconnecting_mid_generation_leave_nothing_running() {
             &SLOTS.to_string(),
             "--max-queue",
             "64",
+            // Every client is admitted (a slot or the queue): this test is about disconnects,
+            // not about refusing what would miss a deadline.
+            "--request-timeout",
+            "3600",
         ]
         .map(String::from),
     );

@@ -72,6 +72,11 @@ pub async fn extract_memory(
 /// The header a client sets to ask for a deadline shorter than `--request-timeout`, in seconds
 /// (fractions allowed). The official SDK's time-out is 30 s, the server's default.
 const REQUEST_TIMEOUT: &str = "x-request-timeout";
+/// A request cancelled at its deadline is answered this much before it (or a tenth of its time,
+/// if less), so that a client waiting exactly the deadline hears the 503 before its time-out.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// Prompt tokens of a branch's own task line, after the shared dialogue (`templates/`).
+const TASK_LINE_TOKENS: usize = 64;
 
 async fn handle(
     state: &AppState,
@@ -111,13 +116,20 @@ async fn handle(
     };
 
     let admission = state.admission();
+    // The engine computes the dialogue once (the branches share it) and each branch's short task
+    // line; the rules before the dialogue come from its prefix cache.
     let work = Work {
-        prompt_tokens: prepared.prompt_tokens,
+        prompt_tokens: input_tokens + prepared.branches() * TASK_LINE_TOKENS,
         branches: prepared.branches(),
     };
     let metrics = state.metrics();
+    let generating = std::sync::atomic::AtomicBool::new(false);
+    if let Some(stats) = extractor.engine().stats() {
+        admission.observe_engine(stats.step_tokens, stats.step_seconds);
+    }
     let generate = async {
         let permit = admission.admit(work, deadline).await?;
+        generating.store(true, std::sync::atomic::Ordering::Relaxed);
         metrics.queue_wait.observe(permit.queue_time.as_secs_f64());
         metrics.input_tokens.inc_by(input_tokens as u64);
         record.update(|f| f.queue_time = Some(permit.queue_time));
@@ -134,7 +146,8 @@ async fn handle(
     };
     // At the deadline the whole future is dropped: its queue place or slot, and its engine
     // sequences with their KV blocks, go at once.
-    let (permit, extraction) = match tokio::time::timeout_at(deadline.into(), generate).await {
+    let answer_by = deadline - ANSWER_MARGIN.min(deadline.saturating_duration_since(arrived) / 10);
+    let (permit, extraction) = match tokio::time::timeout_at(answer_by.into(), generate).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             if matches!(e, ApiError::Overloaded(_)) {
@@ -144,6 +157,9 @@ async fn handle(
         }
         Err(_) => {
             refund();
+            if generating.load(std::sync::atomic::Ordering::Relaxed) {
+                admission.deadline_missed();
+            }
             return Err(ApiError::Overloaded(AdmissionError::DeadlineExceeded {
                 deadline: deadline.saturating_duration_since(arrived),
             }));
@@ -153,7 +169,11 @@ async fn handle(
     admission.finish(
         permit,
         Done {
-            prompt_tokens: extraction.branches.iter().map(|b| b.prompt_tokens).sum(),
+            prompt_tokens: extraction
+                .branches
+                .iter()
+                .map(|b| b.prompt_tokens - b.cached_prompt_tokens.min(b.prompt_tokens))
+                .sum(),
             generated_tokens: extraction.branches.iter().map(|b| b.generated_tokens).sum(),
             branches: extraction.branches.len(),
         },

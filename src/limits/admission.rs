@@ -4,14 +4,18 @@
 //! time-out; a client may ask for less with `x-request-timeout`). Work finished after the client
 //! has left is wasted cores, so admission answers in time or refuses at once:
 //!
-//! - **Predicted completion.** Each request's size is its prompt tokens plus its expected output
-//!   (branches × the measured mean output per branch). The server's throughput is measured in
-//!   the same unit, tokens of finished requests per second of busy time, folded into an EWMA
-//!   every couple of busy seconds, so it follows the batch the engine actually runs. A newcomer's
+//! - **Predicted completion.** Each request's size is the prompt tokens the engine will compute
+//!   plus its expected output (branches × the measured mean output per branch). The throughput
+//!   is measured in the same unit from the engine's own counters (tokens per second spent in
+//!   steps, an EWMA of one-second samples), so it follows the batch the engine actually runs
+//!   and needs no request to finish; an engine without counters (mistralrs) is measured by
+//!   finished requests per busy second instead. A newcomer's
 //!   completion is predicted as (size of the work admitted and not finished + its own size) /
 //!   throughput: the queue is FIFO, so that is the work ahead of it. When the prediction passes
 //!   90% of the time left to its deadline, it gets 503/50004 now, with a `Retry-After` of the
-//!   excess. An idle server (nothing outstanding) and one with no measurement yet admit.
+//!   excess. An idle server (nothing outstanding) and one with no measurement yet admit. A
+//!   request that waited for a slot is checked again when it gets one: if its own work no longer
+//!   fits the time it has left, it is refused then, before it uses the engine.
 //!   Measured on SmolLM2 at 4× overload before this: 120 of 168 requests got no answer within
 //!   the 30 s their clients waited, and not one 503 was sent (`docs/performance.md`).
 //! - **Adaptive concurrency.** How many requests generate at once is an AIMD limit between 1 and
@@ -22,7 +26,11 @@
 //!   only stretches every request's latency. Half the deadline is for generating, half for
 //!   queueing.
 //! - **The deadline itself.** A request still running at its deadline is dropped by the handler
-//!   (its engine sequences and KV blocks with it) and answered 503/50004, saying so.
+//!   (its engine sequences and KV blocks with it) and answered 503/50004, saying so, a second
+//!   before the deadline so that the client hears it before its own time-out. One that was
+//!   generating halves the limit: the engine could not give that many requests their answers in
+//!   time. (Measured on SmolLM2 at 4× overload: the first eight admitted shared two cores so
+//!   thinly that none finished within 30 s, so without that signal nothing was ever measured.)
 //!
 //! The slots are a FIFO semaphore, so waiters are served in arrival order. Everything is
 //! released by drop: a client that disconnects while queued or generating drops its handler
@@ -94,17 +102,18 @@ pub struct AdmissionGauges {
     pub predicted: Histogram,
 }
 
-/// What a request will cost, known before it generates.
+/// What a request will cost the engine, known before it generates.
 #[derive(Debug, Clone, Copy)]
 pub struct Work {
-    /// Prompt tokens over all branches.
+    /// Prompt tokens the engine is expected to compute (not served from its prefix cache).
     pub prompt_tokens: usize,
     pub branches: usize,
 }
 
-/// What a finished request cost.
+/// What a finished request cost the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct Done {
+    /// Prompt tokens the engine computed (its prefix cache served the rest).
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
     pub branches: usize,
@@ -112,8 +121,10 @@ pub struct Done {
 
 /// Smoothing of the throughput, output-size and mean-size averages.
 const EWMA: f64 = 0.3;
-/// Busy time folded into one throughput sample.
+/// Busy time folded into one throughput sample (from finished requests).
 const SAMPLE_BUSY: Duration = Duration::from_secs(2);
+/// Engine step time folded into one throughput sample (from the engine's counters).
+const ENGINE_SAMPLE_SECONDS: f64 = 1.0;
 /// A request is refused when its predicted completion passes this share of its time left.
 const ADMIT_SHARE: f64 = 0.9;
 /// Output tokens per branch assumed before the first request finishes.
@@ -132,7 +143,13 @@ struct Estimate {
     last_change: Instant,
     output_per_branch: f64,
     mean_size: Option<f64>,
+    /// What finished requests cost over what their size predicted: corrects the prompt-token
+    /// guess (the task lines' and the template's share differ per model and tokenizer).
+    size_scale: f64,
     limit: f64,
+    /// The engine's own counters at the last throughput sample: (tokens, busy seconds). Once
+    /// the engine reports them, they are the throughput, not finished requests.
+    engine_mark: Option<(u64, f64)>,
 }
 
 impl Estimate {
@@ -145,7 +162,8 @@ impl Estimate {
     }
 
     fn size(&self, work: Work) -> f64 {
-        work.prompt_tokens as f64 + work.branches as f64 * self.output_per_branch
+        (work.prompt_tokens as f64 + work.branches as f64 * self.output_per_branch)
+            * self.size_scale
     }
 
     fn predict(&self, size: f64) -> Option<Duration> {
@@ -178,8 +196,8 @@ pub struct Permit {
     in_flight: IntGauge,
     pub queue_time: Duration,
     started: Instant,
-    /// Held for its drop: the request stays in the outstanding work until it ends.
-    _ticket: Ticket,
+    /// The request stays in the outstanding work until this drops; its predicted size.
+    ticket: Ticket,
     /// The limit was in use when this request started: its latency says something about it.
     at_limit: bool,
 }
@@ -249,7 +267,9 @@ impl Admission {
                 last_change: Instant::now(),
                 output_per_branch: FIRST_OUTPUT_GUESS,
                 mean_size: None,
+                size_scale: 1.0,
                 limit,
+                engine_mark: None,
             }),
             config,
             gauges,
@@ -258,6 +278,23 @@ impl Admission {
 
     pub fn config(&self) -> &AdmissionConfig {
         &self.config
+    }
+
+    /// The engine's cumulative step counters (tokens computed, seconds spent in steps): its
+    /// throughput while busy, measured whether or not requests finish. A sample is taken once a
+    /// second of steps has passed since the last one.
+    pub fn observe_engine(&self, step_tokens: u64, step_seconds: f64) {
+        let mut e = self.estimate.lock().unwrap();
+        let Some((tokens, seconds)) = e.engine_mark else {
+            e.engine_mark = Some((step_tokens, step_seconds));
+            return;
+        };
+        let busy = step_seconds - seconds;
+        if busy >= ENGINE_SAMPLE_SECONDS {
+            let rate = step_tokens.saturating_sub(tokens) as f64 / busy;
+            e.throughput = Some(ewma(e.throughput, rate));
+            e.engine_mark = Some((step_tokens, step_seconds));
+        }
     }
 
     /// The adaptive concurrency limit now.
@@ -283,7 +320,25 @@ impl Admission {
             tokio::time::timeout_at(wait_until.into(), self.slots.clone().acquire_owned()).await;
         drop(place);
         match waited {
-            Ok(Ok(slot)) => Ok(self.permit(slot, started, ticket)),
+            Ok(Ok(slot)) => {
+                // It waited: it may no longer have the time its own work takes. Better refused
+                // now than cancelled at its deadline after using the engine.
+                let now = Instant::now();
+                let own = {
+                    let e = self.estimate.lock().unwrap();
+                    e.throughput
+                        .map(|t| Duration::from_secs_f64(ticket.size / t))
+                };
+                let left = deadline.saturating_duration_since(now);
+                if let Some(own) = own.filter(|own| *own > left.mul_f64(ADMIT_SHARE)) {
+                    return Err(AdmissionError::WouldMissDeadline {
+                        predicted: own,
+                        deadline: left,
+                        retry_after: own.saturating_sub(left.mul_f64(ADMIT_SHARE)),
+                    });
+                }
+                Ok(self.permit(slot, started, ticket))
+            }
             // The semaphore is never closed; treat it like a time-out all the same.
             Ok(Err(_)) | Err(_) if wait_until >= deadline => {
                 Err(AdmissionError::DeadlineExceeded {
@@ -352,7 +407,7 @@ impl Admission {
             in_flight: self.gauges.in_flight.clone(),
             queue_time: started.elapsed(),
             started: Instant::now(),
-            _ticket: ticket,
+            ticket,
             at_limit: in_use + 1.0 >= self.limit(),
         }
     }
@@ -370,7 +425,7 @@ impl Admission {
             let mut e = self.estimate.lock().unwrap();
             e.advance(now);
             e.sample_tokens += size;
-            if e.sample_busy >= SAMPLE_BUSY {
+            if e.engine_mark.is_none() && e.sample_busy >= SAMPLE_BUSY {
                 let rate = e.sample_tokens / e.sample_busy.as_secs_f64();
                 e.throughput = Some(ewma(e.throughput, rate));
                 e.sample_tokens = 0.0;
@@ -379,6 +434,11 @@ impl Admission {
             if done.branches > 0 {
                 let per_branch = done.generated_tokens as f64 / done.branches as f64;
                 e.output_per_branch = ewma(Some(e.output_per_branch), per_branch);
+            }
+            let predicted = permit.ticket.size / e.size_scale;
+            if predicted > 0.0 {
+                let ratio = (size / predicted).clamp(0.25, 4.0);
+                e.size_scale = ewma(Some(e.size_scale), ratio);
             }
             let mean = ewma(e.mean_size, size);
             e.mean_size = Some(mean);
@@ -396,6 +456,22 @@ impl Admission {
         self.gauges.limit.set(new_limit);
         self.resize(new_limit as usize);
         drop(permit);
+    }
+
+    /// A request that was generating reached its deadline: the engine is slower than the limit
+    /// assumes, so halve it (the loss signal of AIMD). Its busy time produced no finished tokens;
+    /// the throughput sample restarts rather than count that time against the engine's speed.
+    pub fn deadline_missed(&self) {
+        let new_limit = {
+            let mut e = self.estimate.lock().unwrap();
+            e.advance(Instant::now());
+            e.sample_tokens = 0.0;
+            e.sample_busy = Duration::ZERO;
+            e.limit = (e.limit * 0.5).max(1.0);
+            e.limit
+        };
+        self.gauges.limit.set(new_limit);
+        self.resize(new_limit as usize);
     }
 
     /// Bring the semaphore's permits to `limit`: new ones at once, fewer by retiring permits as
@@ -630,6 +706,38 @@ mod tests {
             drop(held);
         }
         assert_eq!(a.limit(), 16.0);
+    }
+
+    #[tokio::test]
+    async fn the_engine_counters_give_the_throughput_without_any_request_finishing() {
+        let a = admission(8, 8, 60_000);
+        a.observe_engine(1_000, 10.0);
+        assert!(a.estimate.lock().unwrap().throughput.is_none());
+        // Half a second of steps: too little for a sample.
+        a.observe_engine(1_500, 10.5);
+        assert!(a.estimate.lock().unwrap().throughput.is_none());
+        a.observe_engine(3_800, 12.0);
+        assert_eq!(a.estimate.lock().unwrap().throughput, Some(1_400.0));
+        // Busy: one request of 1,400 tokens outstanding, the next predicts 2 s and fits 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let _first = a.admit(WORK, deadline).await.unwrap();
+        assert!(a.admit(WORK, deadline).await.is_ok());
+        assert_eq!(a.gauges.predicted.get_sample_count(), 1);
+        // Finished requests no longer move it.
+        measure(&a, Duration::from_secs(100), Duration::from_secs(1));
+        assert_eq!(a.estimate.lock().unwrap().throughput, Some(1_400.0));
+    }
+
+    #[tokio::test]
+    async fn a_missed_deadline_halves_the_limit() {
+        let a = admission(64, 8, 60_000);
+        assert_eq!(a.limit(), 8.0);
+        a.deadline_missed();
+        assert_eq!((a.limit(), a.slots.available_permits()), (4.0, 4));
+        for _ in 0..5 {
+            a.deadline_missed();
+        }
+        assert_eq!((a.limit(), a.slots.available_permits()), (1.0, 1));
     }
 
     #[tokio::test]

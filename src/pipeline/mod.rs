@@ -111,8 +111,6 @@ pub struct Prepared {
     language: DetectedLanguage,
     requests: Vec<(Branch, GenerateRequest)>,
     pub input_tokens: usize,
-    /// Prompt tokens over all branches: what admission predicts the request's cost from.
-    pub prompt_tokens: usize,
 }
 
 impl Prepared {
@@ -365,7 +363,6 @@ impl Extractor {
             language,
             requests,
             input_tokens,
-            prompt_tokens: counts.iter().sum(),
         })
     }
 
