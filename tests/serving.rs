@@ -749,14 +749,15 @@ async fn qwen3_tokenizer_input_limit_is_8000_with_framing_counted() {
 
 #[tokio::test]
 async fn a_small_context_lowers_the_input_limit_so_near_limit_input_is_413_not_500() {
-    // A 2 MiB KV pool on the tiny model holds 4,096 positions: less than the prompts'
-    // instructions, an 8,000-token dialogue and the longest answer together.
+    // A 3 MiB KV pool on the tiny model holds 6,144 positions: less than the prompts'
+    // instructions (about 2,700 byte-level tokens), an 8,000-token dialogue and the longest
+    // answer together.
     let mut args = base_args(&tiny_model_dir());
     args.extend(
         [
             "--no-auth",
             "--kv-cache-mb",
-            "2",
+            "3",
             "--max-input-tokens",
             "8000",
         ]

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Prompt tokens one three-branch request makes the engine compute, per dialogue size.
+
+Starts `memex serve` (BINARY) on SmolLM2 with scripts/serve-demo.sh's output limits, sends one
+English corpus dialogue of each size class (tagged, so that no cache has seen it), and prints
+x-prompt-tokens, x-cached-prompt-tokens and what the engine computed. The counts do not depend on
+the machine; the seconds do. Standard library only.
+
+    scripts/prefill-tokens.py [--binary PATH] [--port 9511] [--sizes 400,1000]
+"""
+import argparse
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default="/var/tmp/memex-target/release/memex")
+    ap.add_argument("--model", default=os.path.join(ROOT, ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--port", default="9511")
+    ap.add_argument("--sizes", default="400,1000")
+    args = ap.parse_args()
+    server = subprocess.Popen(
+        [args.binary, "serve", "--model", args.model, "--no-auth", "--port", args.port,
+         "--max-items", "3", "--max-text-chars", "120", "--max-label-chars", "24", "--max-tags", "3",
+         "--max-input-tokens", "4000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        for _ in range(1200):
+            try:
+                if urllib.request.urlopen(base + "/health/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        corpus = json.load(open(os.path.join(ROOT, "loadtest/corpus/en.json")))["dialogues"]
+        for size in (int(s) for s in args.sizes.split(",")):
+            dialogue = next(d for d in corpus if d["size"] == size)
+            messages = [dict(m) for m in dialogue["messages"]]
+            messages[0]["content"] = f"[prefill-{time.time_ns()}] " + messages[0]["content"]
+            request = urllib.request.Request(
+                base + "/extract/memory", data=json.dumps({"messages": messages}).encode(),
+                headers={"content-type": "application/json"})
+            started = time.time()
+            h = urllib.request.urlopen(request, timeout=900).headers
+            prompt, cached = int(h["x-prompt-tokens"]), int(h["x-cached-prompt-tokens"])
+            print(f"{size}-token class: input {h['x-input-tokens']}, prompt {prompt}, cached {cached}, "
+                  f"computed {prompt - cached}, generated {h['x-generated-tokens']}, "
+                  f"{time.time() - started:.1f} s")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
