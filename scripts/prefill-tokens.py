@@ -24,11 +24,13 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--port", default="9511")
     ap.add_argument("--sizes", default="400,1000")
+    ap.add_argument("--no-deadline-flag", dest="deadline_flag", action="store_false",
+                    help="for a binary older than --request-timeout")
     args = ap.parse_args()
     server = subprocess.Popen(
         [args.binary, "serve", "--model", args.model, "--no-auth", "--port", args.port,
          "--max-items", "3", "--max-text-chars", "120", "--max-label-chars", "24", "--max-tags", "3",
-         "--max-input-tokens", "4000"],
+         "--max-input-tokens", "4000", *(["--request-timeout", "900"] if args.deadline_flag else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{args.port}"
     try:

@@ -14,7 +14,8 @@ if [[ -z "${MEMEX_API_KEYS:-}${MEMEX_API_KEY:-}${MEMEX_NO_AUTH:-}" ]] \
 fi
 # SmolLM2's context is 8,192 tokens: the default output limits allow answers (about 9,800 tokens
 # in the worst case) that it cannot hold, and memex refuses to start with limits the model cannot
-# serve. These fit, leaving about 4,000 tokens of dialogue; flags or MEMEX_* variables override.
+# serve. These fit, leaving about 2,100 tokens of dialogue (memex lowers --max-input-tokens to that
+# at start, with a warning: the system prompt holds every task's rules); flags or MEMEX_* variables override.
 export MEMEX_MAX_ITEMS="${MEMEX_MAX_ITEMS:-3}" MEMEX_MAX_TEXT_CHARS="${MEMEX_MAX_TEXT_CHARS:-120}"
 export MEMEX_MAX_LABEL_CHARS="${MEMEX_MAX_LABEL_CHARS:-24}" MEMEX_MAX_TAGS="${MEMEX_MAX_TAGS:-3}"
 export MEMEX_MAX_INPUT_TOKENS="${MEMEX_MAX_INPUT_TOKENS:-4000}"
