@@ -545,6 +545,17 @@ mod tests {
         Instant::now() + Duration::from_secs(3600)
     }
 
+    /// `n` slots taken at once, as if `n` requests were generating.
+    fn hold(a: &Arc<Admission>, n: usize) -> Vec<Permit> {
+        (0..n)
+            .map(|_| {
+                let ticket = a.check(WORK, Instant::now(), far()).unwrap();
+                let slot = a.slots.clone().try_acquire_owned().unwrap();
+                a.permit(slot, Instant::now(), ticket)
+            })
+            .collect()
+    }
+
     /// Finish one request of `DONE`'s size that took `service` of `busy` time, as if measured.
     fn measure(a: &Arc<Admission>, busy: Duration, service: Duration) {
         let now = Instant::now();
@@ -672,13 +683,7 @@ mod tests {
         assert_eq!(a.limit(), 8.0);
         // Fast answers at the limit: the limit climbs, and the semaphore with it.
         for _ in 0..40 {
-            let held: Vec<Permit> = (0..a.limit() as usize - 1)
-                .map(|_| {
-                    let t = a.check(WORK, Instant::now(), far()).unwrap();
-                    let slot = a.slots.clone().try_acquire_owned().unwrap();
-                    a.permit(slot, Instant::now(), t)
-                })
-                .collect();
+            let held = hold(&a, a.limit() as usize - 1);
             measure(&a, Duration::from_millis(100), Duration::from_secs(1));
             drop(held);
         }
@@ -695,13 +700,7 @@ mod tests {
         assert_eq!(a.gauges.limit.get(), low);
         // Never above the cap.
         for _ in 0..400 {
-            let held: Vec<Permit> = (0..a.limit() as usize - 1)
-                .map(|_| {
-                    let t = a.check(WORK, Instant::now(), far()).unwrap();
-                    let slot = a.slots.clone().try_acquire_owned().unwrap();
-                    a.permit(slot, Instant::now(), t)
-                })
-                .collect();
+            let held = hold(&a, a.limit() as usize - 1);
             measure(&a, Duration::from_millis(100), Duration::from_millis(10));
             drop(held);
         }
@@ -743,13 +742,7 @@ mod tests {
     #[tokio::test]
     async fn a_lowered_limit_retires_permits_held_when_it_fell() {
         let a = admission(8, 8, 60_000);
-        let held: Vec<Permit> = (0..8)
-            .map(|_| {
-                let t = a.check(WORK, Instant::now(), far()).unwrap();
-                let slot = a.slots.clone().try_acquire_owned().unwrap();
-                a.permit(slot, Instant::now(), t)
-            })
-            .collect();
+        let held = hold(&a, 8);
         a.resize(3);
         drop(held);
         assert_eq!(a.slots.available_permits(), 3);
