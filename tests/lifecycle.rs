@@ -4,138 +4,48 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::binary::Binary;
 use common::openapi::Spec;
-use common::{base_args, metric, set_flag, tiny_model_dir};
+use common::{base_args, set_flag, tiny_model_dir};
 use memex::limits::KeyHash;
 use serde_json::{json, Value};
 
 /// The secret logged key hashes are computed under.
 const HASH_SECRET: &str = "lifecycle-hash-secret";
 
-/// A `memex serve` child process and everything it printed.
-struct Server {
-    child: Child,
-    output: Arc<Mutex<Vec<String>>>,
-    base: String,
-    _dir: tempfile::TempDir,
+/// `memex serve` with JSON logs and key hashes under [`HASH_SECRET`]; returns once it listens.
+fn start(args: Vec<String>, key_file: Option<&str>) -> Binary {
+    Binary::start(
+        &args,
+        key_file,
+        &[
+            ("RUST_LOG", "info,mistralrs_core=warn,mistralrs=warn"),
+            ("MEMEX_KEY_HASH_SECRET", HASH_SECRET),
+        ],
+    )
 }
 
-impl Server {
-    /// Start the binary with JSON logs and wait for its "listening" line.
-    fn start(args: Vec<String>, key_file: Option<&str>) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memex"));
-        cmd.arg("serve").args(&args).arg("--log-json");
-        if let Some(keys) = key_file {
-            let path = dir.path().join("keys");
-            std::fs::write(&path, keys).unwrap();
-            cmd.arg("--api-keys").arg(path);
-        }
-        let mut child = cmd
-            .env("RUST_LOG", "info,mistralrs_core=warn,mistralrs=warn")
-            .env_remove("MEMEX_API_KEY")
-            .env("MEMEX_KEY_HASH_SECRET", HASH_SECRET)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("memex binary starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        collect(stdout, output.clone());
-        collect(stderr, output.clone());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = loop {
-            let found = output.lock().unwrap().iter().find_map(|l| {
-                let v: Value = serde_json::from_str(l).ok()?;
-                (v["fields"]["message"] == "listening; loading model")
-                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
-                    .flatten()
-            });
-            if let Some(addr) = found {
-                break addr;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("memex exited with {status}: {:?}", output.lock().unwrap());
-            }
-            assert!(Instant::now() < deadline, "no listening line");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        Server {
-            child,
-            output,
-            base: format!("http://{addr}"),
-            _dir: dir,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{name}");
-    }
-
-    /// Wait for the process to exit; its exit status and how long that took.
-    async fn exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(started.elapsed() < limit, "still running after {limit:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn json_lines(&self) -> Vec<Value> {
-        let lines = self.output.lock().unwrap();
-        lines
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn all_output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        let (_, _, text) = common::get(&format!("{}/metrics", self.base)).await;
-        metric(&text, series).unwrap_or_else(|| panic!("{series} missing"))
-    }
-
-    /// Waits until one request generates and at least `queued` wait behind it.
-    async fn wait_for_backlog(&self, queued: f64) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.metric("memex_in_flight_requests").await < 1.0
-            || self.metric("memex_queued_requests").await < queued
-        {
-            assert!(Instant::now() < deadline, "no backlog formed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+fn signal(s: &Binary, name: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{name}"), s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name}");
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
+/// Waits until one request generates and at least `queued` wait behind it.
+async fn wait_for_backlog(s: &Binary, queued: f64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while s.metric("memex_in_flight_requests").await < 1.0
+        || s.metric("memex_queued_requests").await < queued
+    {
+        assert!(Instant::now() < deadline, "no backlog formed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn collect(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            into.lock().unwrap().push(line);
-        }
-    });
 }
 
 fn extract_body(i: usize) -> Vec<u8> {
@@ -176,7 +86,7 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
         ]
         .map(String::from),
     );
-    let mut s = Server::start(args, Some(&format!("{KEY} rps=0 tpm=0\n")));
+    let mut s = start(args, Some(&format!("{KEY} rps=0 tpm=0\n")));
 
     // The port answers from the start: work is turned away with a retry hint while the model
     // loads, the process is live, and ready only after loading and the warm-up generation.
@@ -221,8 +131,8 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
             tokio::spawn(async move { try_post(&base, Some(KEY), i).await })
         })
         .collect();
-    s.wait_for_backlog(2.0).await;
-    s.signal("TERM");
+    wait_for_backlog(&s, 2.0).await;
+    signal(&s, "TERM");
 
     // Draining: not ready, and new work is turned away with a retry hint...
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -310,7 +220,7 @@ async fn sigint_exits_zero_within_the_drain_timeout_even_with_work_left() {
     );
     set_flag(&mut args, "--max-items", "6");
     set_flag(&mut args, "--max-text-chars", "120");
-    let mut s = Server::start(args, None);
+    let mut s = start(args, None);
     let warned = s.json_lines().into_iter().any(|l| {
         l["level"] == "WARN"
             && l["fields"]["message"]
@@ -331,8 +241,8 @@ async fn sigint_exits_zero_within_the_drain_timeout_even_with_work_left() {
             tokio::spawn(async move { try_post(&base, None, i).await })
         })
         .collect();
-    s.wait_for_backlog(4.0).await;
-    s.signal("INT");
+    wait_for_backlog(&s, 4.0).await;
+    signal(&s, "INT");
     // Drain timeout 0.5 s, then at most a 2 s grace for open connections; generous margin.
     let (status, took) = s.exit(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}");
