@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::kv_cache::slot;
+use super::math::exp_shifted_sum;
 use super::model::Run;
 use super::weights::Config;
 
@@ -66,10 +67,7 @@ pub fn attention(
             let mut sum = vec![0f32; group];
             for (g, sc) in scores.chunks_exact_mut(len).enumerate() {
                 max[g] = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for v in sc.iter_mut() {
-                    *v = (*v - max[g]).exp();
-                    sum[g] += *v;
-                }
+                sum[g] = exp_shifted_sum(sc, max[g]);
             }
             let mut acc = vec![0f32; group * d];
             for (sc, a) in scores.chunks_exact(len).zip(acc.chunks_exact_mut(d)) {

@@ -443,29 +443,69 @@ const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 
-/// 32 activation values as `d * qs[i]`; `s` is `d * Σ qs` (what an offset or a min multiplies).
-/// Aligned so that the 32 values are one aligned load: at 40 bytes a block, most loads crossed
-/// a cache line.
+/// 32 activation values of a block, as `d * qs[i]` (`d` is in the row's `ds`): one aligned
+/// load. The values sit apart from their scales so that a row's blocks are dense: with the
+/// scales inside, a block took a whole 64-byte line (aligned) or most loads crossed a line
+/// (40 bytes unaligned), and a 16-row activation tile of a 896-wide input no longer fitted L1
+/// beside the streaming weights.
 #[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct ActBlock {
-    qs: [i8; QK],
-    d: f32,
-    s: f32,
+#[repr(C, align(32))]
+struct ActValues([i8; QK]);
+
+/// One quantized activation row: block `b` is `ds[b][0] * qs[b]`, and `ds[b][1]` is
+/// `ds[b][0] * Σ qs[b]` (what an offset or a min multiplies).
+#[derive(Clone, Copy)]
+struct ActRow<'a> {
+    qs: &'a [ActValues],
+    ds: &'a [[f32; 2]],
 }
 
-fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+/// A step's activations quantized in blocks of `QK`, row after row.
+struct Acts {
+    qs: Vec<ActValues>,
+    ds: Vec<[f32; 2]>,
+    /// Blocks per row.
+    kb: usize,
+}
+
+impl Acts {
+    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        let kb = k / QK;
+        let mut qs = vec![ActValues([0; QK]); m * kb];
+        let mut ds = vec![[0f32; 2]; m * kb];
+        if m >= 16 {
+            qs.par_chunks_mut(kb)
+                .zip(ds.par_chunks_mut(kb))
+                .zip(x.par_chunks(k))
+                .for_each(|((q, d), x)| quantize_row(x, q, d));
+        } else {
+            for ((q, d), x) in qs.chunks_mut(kb).zip(ds.chunks_mut(kb)).zip(x.chunks(k)) {
+                quantize_row(x, q, d);
+            }
+        }
+        Self { qs, ds, kb }
+    }
+
+    fn row(&self, r: usize) -> ActRow<'_> {
+        let b = r * self.kb..(r + 1) * self.kb;
+        ActRow {
+            qs: &self.qs[b.clone()],
+            ds: &self.ds[b],
+        }
+    }
+}
+
+fn quantize_row(x: &[f32], qs: &mut [ActValues], ds: &mut [[f32; 2]]) {
+    for ((b, d), xs) in qs.iter_mut().zip(ds).zip(x.chunks_exact(QK)) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let scale = amax / 127.0;
+        let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(xs) {
+        for (q, &v) in b.0.iter_mut().zip(xs) {
             *q = (v * id).round() as i8;
             sum += *q as i32;
         }
-        b.d = d;
-        b.s = d * sum as f32;
+        *d = [scale, scale * sum as f32];
     }
 }
 
@@ -490,13 +530,13 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 trait Block: Copy + Send + Sync {
     /// Activation blocks (of `QK` values) one weight block spans.
     const ACTS: usize = 1;
-    fn dot(w: &[Self], x: &[ActBlock]) -> f32;
+    fn dot(w: &[Self], x: ActRow) -> f32;
     /// Four activation rows against one weight row: each weight block is decoded once.
-    fn dot4(w: &[Self], x: [&[ActBlock]; 4]) -> [f32; 4] {
+    fn dot4(w: &[Self], x: [ActRow; 4]) -> [f32; 4] {
         x.map(|x| Self::dot(w, x))
     }
     /// Eight activation rows against one weight row.
-    fn dot8(w: &[Self], x: [&[ActBlock]; 8]) -> [f32; 8] {
+    fn dot8(w: &[Self], x: [ActRow; 8]) -> [f32; 8] {
         x.map(|x| Self::dot(w, x))
     }
     /// The block's values (`ACTS * QK` of them): the layout as the kernels read it, checked
@@ -511,29 +551,30 @@ macro_rules! kernels {
         impl Block for $block {
             $(const ACTS: usize = $acts;)?
             #[cfg(target_feature = "avx2")]
-            fn dot(w: &[Self], x: &[ActBlock]) -> f32 {
+            fn dot(w: &[Self], x: ActRow) -> f32 {
                 // SAFETY: compiled only where AVX2 is enabled for the whole crate; `x` spans
                 // `w` (the caller slices both from one row).
                 unsafe { avx::$rows::<1>(w, [x])[0] }
             }
             #[cfg(target_feature = "avx2")]
-            fn dot4(w: &[Self], x: [&[ActBlock]; 4]) -> [f32; 4] {
+            fn dot4(w: &[Self], x: [ActRow; 4]) -> [f32; 4] {
                 unsafe { avx::$rows::<4>(w, x) }
             }
             #[cfg(target_feature = "avx2")]
-            fn dot8(w: &[Self], x: [&[ActBlock]; 8]) -> [f32; 8] {
+            fn dot8(w: &[Self], x: [ActRow; 8]) -> [f32; 8] {
                 unsafe { avx::$rows::<8>(w, x) }
             }
             #[cfg(not(target_feature = "avx2"))]
-            fn dot(w: &[Self], x: &[ActBlock]) -> f32 {
+            fn dot(w: &[Self], x: ActRow) -> f32 {
                 let mut v = [0f32; QK * 8];
                 let v = &mut v[..QK * Self::ACTS];
                 let mut sum = 0.0;
-                for (b, a) in w.iter().zip(x.chunks_exact(Self::ACTS)) {
+                let acts = x.qs.chunks_exact(Self::ACTS).zip(x.ds.chunks_exact(Self::ACTS));
+                for (b, (qs, ds)) in w.iter().zip(acts) {
                     b.values(v);
-                    for (vs, a) in v.chunks_exact(QK).zip(a) {
-                        let s: f32 = vs.iter().zip(&a.qs).map(|(&v, &q)| v * q as f32).sum();
-                        sum += s * a.d;
+                    for ((vs, q), d) in v.chunks_exact(QK).zip(qs).zip(ds) {
+                        let s: f32 = vs.iter().zip(&q.0).map(|(&v, &q)| v * q as f32).sum();
+                        sum += s * d[0];
                     }
                 }
                 sum
@@ -670,29 +711,29 @@ mod avx {
 
         /// Sub-block `i` of every row: values `d*q + m`, `q` unsigned below 64.
         #[inline(always)]
-        unsafe fn unsigned(&mut self, x: &[&[ActBlock]; R], i: usize, d: f32, m: f32, q: __m256i) {
+        unsafe fn unsigned(&mut self, x: &[ActRow; R], i: usize, d: f32, m: f32, q: __m256i) {
             // The weight's scale is broadcast once per block, each row's is a broadcast load.
             let dw = _mm256_set1_ps(d);
             for ((x, v), offset) in x.iter().zip(&mut self.v).zip(&mut self.offset) {
-                let a = x.get_unchecked(i);
-                let p = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
-                let t = _mm256_mul_ps(mul_sum_us8(q, p), _mm256_broadcast_ss(&a.d));
+                let p = _mm256_load_si256(x.qs.get_unchecked(i).0.as_ptr() as *const __m256i);
+                let ds = x.ds.get_unchecked(i);
+                let t = _mm256_mul_ps(mul_sum_us8(q, p), _mm256_broadcast_ss(&ds[0]));
                 *v = _mm256_fmadd_ps(t, dw, *v);
-                *offset += m * a.s;
+                *offset += m * ds[1];
             }
         }
 
         /// Sub-block `i` of every row: values `d*q`, `q` signed in -127..=127, `d` per f32
         /// lane (so per 4 values).
         #[inline(always)]
-        unsafe fn signed(&mut self, x: &[&[ActBlock]; R], i: usize, d: __m256, q: __m256i) {
+        unsafe fn signed(&mut self, x: &[ActRow; R], i: usize, d: __m256, q: __m256i) {
             // maddubs wants one unsigned side: move the weight's sign onto the activation.
             let qa = _mm256_sign_epi8(q, q);
             for (x, v) in x.iter().zip(&mut self.v) {
-                let a = x.get_unchecked(i);
-                let p = _mm256_load_si256(a.qs.as_ptr() as *const __m256i);
+                let p = _mm256_load_si256(x.qs.get_unchecked(i).0.as_ptr() as *const __m256i);
                 let ps = _mm256_sign_epi8(p, q);
-                let t = _mm256_mul_ps(mul_sum_us8(qa, ps), _mm256_broadcast_ss(&a.d));
+                let d_act = &x.ds.get_unchecked(i)[0];
+                let t = _mm256_mul_ps(mul_sum_us8(qa, ps), _mm256_broadcast_ss(d_act));
                 *v = _mm256_fmadd_ps(t, d, *v);
             }
         }
@@ -735,7 +776,7 @@ mod avx {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    pub unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let d = f16(b.d);
@@ -744,7 +785,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             acc.unsigned(&x, i, f16(b.d), f16(b.m), nibbles(&b.qs));
@@ -752,7 +793,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let d = f16(b.d);
@@ -762,7 +803,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let q = _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh));
@@ -771,7 +812,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
@@ -784,7 +825,7 @@ mod avx {
     #[inline(always)]
     unsafe fn k4_sub<const R: usize>(
         acc: &mut Acc<R>,
-        x: &[&[ActBlock]; R],
+        x: &[ActRow; R],
         i: usize,
         (d, dmin, scales): (f32, f32, &[u8; 12]),
         s: usize,
@@ -794,7 +835,7 @@ mod avx {
         acc.unsigned(x, i * 8 + s, d * sc as f32, -dmin * m as f32, q);
     }
 
-    pub unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         let mask = _mm256_set1_epi8(0x0F);
         for (i, b) in w.iter().enumerate() {
@@ -809,7 +850,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         let mask = _mm256_set1_epi8(0x0F);
         for (i, b) in w.iter().enumerate() {
@@ -829,7 +870,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: [&[ActBlock]; R]) -> [f32; R] {
+    pub unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         let (mask4, mask2, m32) = (
             _mm256_set1_epi8(0x0F),
@@ -877,58 +918,36 @@ fn rows_per_task(n: usize, m: usize) -> usize {
 
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ` for one of our block types.
 fn quantized_rows<B: Block>(w: &[B], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let kb = k / QK;
-    let mut act = vec![
-        ActBlock {
-            d: 0.0,
-            s: 0.0,
-            qs: [0; QK],
-        };
-        m * kb
-    ];
-    if m >= 16 {
-        act.par_chunks_mut(kb)
-            .zip(x.par_chunks(k))
-            .for_each(|(a, x)| quantize_row(x, a));
-    } else {
-        for (a, x) in act.chunks_mut(kb).zip(x.chunks(k)) {
-            quantize_row(x, a);
-        }
-    }
-    let act_row = |r: usize| &act[r * kb..(r + 1) * kb];
-    let wb = kb / B::ACTS;
-    by_weight_rows(m, n, |j0, chunk: &mut [f32]| {
-        // Activation rows in tiles small enough to stay in L1, against weight rows in tiles that
-        // stay in L2 while every activation tile passes: without the first a 300-row prefill ran
-        // at half the speed of a 16-row one; without the second each activation tile streamed
-        // the task's weights (0.75 MB for Qwen2.5-0.5B's gate/up) from L3 again.
-        let rows_per_w_tile = (W_TILE_BYTES / (wb * std::mem::size_of::<B>()).max(1)).max(1);
-        let row_tile =
-            (A_TILE_BYTES / (kb * std::mem::size_of::<ActBlock>()).max(1)).clamp(8, 32) / 8 * 8;
-        let mut outs: Vec<&mut [f32]> = chunk.chunks_exact_mut(m).collect();
-        for w0 in (0..outs.len()).step_by(rows_per_w_tile) {
-            let w1 = (w0 + rows_per_w_tile).min(outs.len());
+    let acts = Acts::quantize(x, m, k);
+    let wb = acts.kb / B::ACTS;
+    // Activation rows in tiles small enough to stay in L1 beside the weight rows streaming past,
+    // against weight rows in tiles that stay in L2 while every activation tile passes: without
+    // the first a 300-row prefill ran at half the speed of a 16-row one; without the second each
+    // activation tile streamed the task's weights (0.75 MB for Qwen2.5-0.5B's gate/up) from L3
+    // again.
+    let rows_per_w_tile = (W_TILE_BYTES / (wb * std::mem::size_of::<B>()).max(1)).max(1);
+    let act_block_bytes = std::mem::size_of::<ActValues>() + std::mem::size_of::<[f32; 2]>();
+    let row_tile = (A_TILE_BYTES / (acts.kb * act_block_bytes).max(1)).clamp(8, 32) / 8 * 8;
+    by_weight_rows(m, n, |cols, out| {
+        for w0 in cols.clone().step_by(rows_per_w_tile) {
+            let w1 = (w0 + rows_per_w_tile).min(cols.end);
             for r0 in (0..m).step_by(row_tile) {
                 let r1 = (r0 + row_tile).min(m);
-                for (i, out) in outs[w0..w1].iter_mut().enumerate() {
-                    let j = j0 + w0 + i;
+                for j in w0..w1 {
                     let wrow = &w[j * wb..(j + 1) * wb];
                     let mut r = r0;
                     while r + 8 <= r1 {
-                        let v = B::dot8(wrow, std::array::from_fn(|i| act_row(r + i)));
-                        out[r..r + 8].copy_from_slice(&v);
+                        let v = B::dot8(wrow, std::array::from_fn(|i| acts.row(r + i)));
+                        out.put(r, j, &v);
                         r += 8;
                     }
                     while r + 4 <= r1 {
-                        let v = B::dot4(
-                            wrow,
-                            [act_row(r), act_row(r + 1), act_row(r + 2), act_row(r + 3)],
-                        );
-                        out[r..r + 4].copy_from_slice(&v);
+                        let v = B::dot4(wrow, std::array::from_fn(|i| acts.row(r + i)));
+                        out.put(r, j, &v);
                         r += 4;
                     }
-                    for (r, o) in out.iter_mut().enumerate().take(r1).skip(r) {
-                        *o = B::dot(wrow, act_row(r));
+                    for r in r..r1 {
+                        out.put(r, j, &[B::dot(wrow, acts.row(r))]);
                     }
                 }
             }
@@ -939,43 +958,60 @@ fn quantized_rows<B: Block>(w: &[B], x: &[f32], m: usize, k: usize, n: usize) ->
 /// Weight bytes per tile: a quarter of this machine's 512 KiB L2 per core.
 const W_TILE_BYTES: usize = 128 << 10;
 /// Activation bytes per tile, rounded down to whole 8-row groups: 16 rows of a 896-wide input
-/// (28 KiB of 64-byte blocks) stay in a 32 KiB L1 while weight rows stream past. Measured on
-/// Qwen2.5-0.5B `Q4_K_M` prefill: 32-row tiles of 40-byte blocks 61 tok/s; 8 rows per weight
-/// decode instead of 4, 72; aligned 64-byte blocks, 79; 16-row tiles, 81.
-const A_TILE_BYTES: usize = 36 << 10;
+/// (16 KiB) stay in a 32 KiB L1 while weight rows stream past. Measured on Qwen2.5-0.5B
+/// `Q4_K_M` prefill: 32-row tiles of 40-byte blocks 61 tok/s; 8 rows per weight decode instead
+/// of 4, 72; aligned 64-byte blocks, 79; 16-row tiles, 81; values apart from scales (36 bytes a
+/// block), see `docs/performance.md`.
+const A_TILE_BYTES: usize = 16 << 10;
 
-/// Runs `f(j0, chunk)` in parallel over slices of weight rows: `chunk` holds, for weight rows
-/// `j0..`, the `m` outputs of each (`chunk[i * m + r]` is output `(r, j0 + i)`). Returns the
-/// `[m, n]` result.
-fn by_weight_rows(m: usize, n: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let per_task = rows_per_task(n, m);
-    // Computed as `[n, m]` so each task owns a contiguous slice, then transposed (a no-op for
-    // the one-row decode step).
-    let mut t = vec![0f32; n * m];
-    t.par_chunks_mut(per_task * m)
-        .enumerate()
-        .for_each(|(c, chunk)| f(c * per_task, chunk));
-    if m == 1 {
-        return t;
+/// The `[m, n]` output of one task of [`by_weight_rows`]: it may write only its own columns.
+struct Columns {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+}
+
+impl Columns {
+    /// Outputs `(r, j)`, `(r + 1, j)`, ...: consecutive rows of column `j`.
+    #[inline]
+    fn put(&self, r: usize, j: usize, v: &[f32]) {
+        assert!(self.cols.contains(&j) && r + v.len() <= self.m);
+        for (i, &v) in v.iter().enumerate() {
+            // SAFETY: in bounds (checked above), and column `j` belongs to this task alone: the
+            // tasks' column ranges are disjoint and the output outlives them.
+            unsafe { *self.ptr.add((r + i) * self.n + j) = v };
+        }
     }
-    // In tiles, in parallel: a naive strided transpose of a 300-row prefill's outputs took as
-    // long as a third of the matmul.
-    const TILE: usize = 32;
+}
+
+/// The output pointer shared by the tasks of [`by_weight_rows`], each writing its own columns.
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint columns (see `Columns::put`).
+unsafe impl Sync for SharedOut {}
+
+/// Runs `f(columns, out)` in parallel over ranges of weight rows (output columns); each task
+/// writes the `m` outputs of its columns straight into the `[m, n]` result. (Computing `[n, m]`
+/// and transposing cost 7% of a 1,600-token prefill on Qwen2.5-0.5B.)
+fn by_weight_rows(
+    m: usize,
+    n: usize,
+    f: impl Fn(std::ops::Range<usize>, &Columns) + Sync,
+) -> Vec<f32> {
+    let per_task = rows_per_task(n, m);
     let mut y = vec![0f32; m * n];
-    y.par_chunks_mut(TILE * n)
-        .enumerate()
-        .for_each(|(rb, band)| {
-            let r0 = rb * TILE;
-            let rows = band.len() / n;
-            for j0 in (0..n).step_by(TILE) {
-                for j in j0..(j0 + TILE).min(n) {
-                    let col = &t[j * m + r0..j * m + r0 + rows];
-                    for (r, &v) in col.iter().enumerate() {
-                        band[r * n + j] = v;
-                    }
-                }
-            }
-        });
+    let out = SharedOut(y.as_mut_ptr());
+    let out = &out;
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let cols = t * per_task..((t + 1) * per_task).min(n);
+        let columns = Columns {
+            ptr: out.0,
+            m,
+            n,
+            cols: cols.clone(),
+        };
+        f(cols, &columns)
+    });
     y
 }
 
@@ -1023,12 +1059,11 @@ impl<T: GgmlType> GgmlRows for GgmlWeight<T> {
             T::VecDotType::from_float(x, a);
         }
         let wb = k / T::BLCK_SIZE;
-        by_weight_rows(m, n, |j0, chunk: &mut [f32]| {
-            for (i, out) in chunk.chunks_exact_mut(m).enumerate() {
-                let j = j0 + i;
+        by_weight_rows(m, n, |cols, out| {
+            for j in cols {
                 let wrow = &self.blocks[j * wb..(j + 1) * wb];
-                for (r, o) in out.iter_mut().enumerate() {
-                    *o = T::vec_dot(k, wrow, &act[r * kb..(r + 1) * kb]);
+                for r in 0..m {
+                    out.put(r, j, &[T::vec_dot(k, wrow, &act[r * kb..(r + 1) * kb])]);
                 }
             }
         })

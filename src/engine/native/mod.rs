@@ -24,6 +24,7 @@ pub mod attention;
 pub mod bpe;
 pub mod kv_cache;
 pub mod linear;
+mod math;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::attention::attention;
 use super::kv_cache::{slot, KvPool};
+use super::math::silu_mul;
 use super::weights::{Config, Weights};
 
 pub struct Model {
@@ -110,9 +111,7 @@ impl Model {
             let (Some(mut gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
                 candle_core::bail!("the gate/up group has two outputs");
             };
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            silu_mul(&mut gate, &up);
             add_in_place(&mut x, &layer.down.forward(&gate)?);
         }
 
