@@ -66,7 +66,7 @@ pub(crate) fn exp_shifted_sum(v: &mut [f32], max: f32) -> f32 {
             }
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            sum = lanes.iter().sum();
+            sum += lanes.iter().sum::<f32>();
         }
     }
     for x in &mut v[i..] {
