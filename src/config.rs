@@ -438,7 +438,10 @@ mod tests {
         let auth = args.auth();
         assert!(!auth.no_auth && auth.key_file.is_none());
         assert_eq!(auth.defaults.tokens_per_minute, 100_000);
-        assert!(args.shared_limits().is_none(), "limits are per replica by default");
+        assert!(
+            args.shared_limits().is_none(),
+            "limits are per replica by default"
+        );
     }
 
     #[test]

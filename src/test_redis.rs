@@ -69,7 +69,10 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.answers() {
-            assert!(Instant::now() < deadline, "redis-server never answered PING");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never answered PING"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -100,7 +103,8 @@ impl RedisServer {
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let mut buf = [0u8; 16];
         s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
     }
 }
 

@@ -88,7 +88,12 @@ async fn two_processes_share_one_keys_rate_and_token_quota() {
     let keys = format!("{RATE_KEY} rps={RPS} burst={BURST} tpm=0\n{QUOTA_KEY} rps=0 tpm={TPM}\n");
     // Closed, with a deadline no busy machine misses: a check that fails cannot fall back to a
     // process's own limits and so cannot let more through than the shared state allows.
-    let flags = ["--limits-redis-fail", "closed", "--limits-redis-timeout", "2"];
+    let flags = [
+        "--limits-redis-fail",
+        "closed",
+        "--limits-redis-timeout",
+        "2",
+    ];
     let a = memex(&redis, &keys, &flags);
     let b = memex(&redis, &keys, &flags);
     a.wait_ready().await;
@@ -182,12 +187,22 @@ async fn a_killed_redis_fails_open_or_closed_and_a_restarted_one_resumes_the_lim
     let open = memex(
         &redis,
         &keys,
-        &["--limits-redis-fail", "open", "--limits-redis-timeout", "0.5"],
+        &[
+            "--limits-redis-fail",
+            "open",
+            "--limits-redis-timeout",
+            "0.5",
+        ],
     );
     let closed = memex(
         &redis,
         &keys,
-        &["--limits-redis-fail", "closed", "--limits-redis-timeout", "0.5"],
+        &[
+            "--limits-redis-fail",
+            "closed",
+            "--limits-redis-timeout",
+            "0.5",
+        ],
     );
     open.wait_ready().await;
     closed.wait_ready().await;
@@ -225,7 +240,11 @@ async fn a_killed_redis_fails_open_or_closed_and_a_restarted_one_resumes_the_lim
     // Closed: 503/50004 with Retry-After, counted.
     for _ in 0..3 {
         let (status, retry_after, body) = cheap(&closed, KEY).await;
-        assert_eq!((status, body["code"].as_u64()), (503, Some(50004)), "{body}");
+        assert_eq!(
+            (status, body["code"].as_u64()),
+            (503, Some(50004)),
+            "{body}"
+        );
         assert_eq!(retry_after.as_deref(), Some("1"));
     }
     assert!(backend_errors(&closed).await >= 3.0);

@@ -113,7 +113,10 @@ async fn handle(
     let input_tokens = prepared.input_tokens;
     record.update(|f| f.input_tokens = Some(input_tokens));
 
-    if let Err(e) = limits.charge_tokens(&caller, &mut taken, input_tokens).await {
+    if let Err(e) = limits
+        .charge_tokens(&caller, &mut taken, input_tokens)
+        .await
+    {
         // A 503 (the shared limits failed closed) is the server's refusal: the cell goes back.
         if e == LimitError::Unavailable {
             limits.refund(&caller, &taken).await;

@@ -86,10 +86,11 @@ impl Rejection {
 /// `--limits-redis-timeout`, or an error (refused connection, script error).
 pub const LIMITS_BACKEND_ERROR_KINDS: [&str; 2] = ["timeout", "error"];
 
-/// Round trips to the shared limits: 50 µs to 100 ms (a healthy one is well under a millisecond,
-/// the default deadline is 10 ms).
-const BACKEND_SECONDS_BUCKETS: [f64; 11] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+/// Round trips to the shared limits: 100 µs to 100 ms, finest around a millisecond (a healthy
+/// one takes a fraction of one, the default deadline is 10 ms).
+const BACKEND_SECONDS_BUCKETS: [f64; 15] = [
+    0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.02, 0.05, 0.1,
 ];
 
 /// Latency buckets from 5 ms to 5 min: CPU generations of a 0.6B model take tens of seconds.
