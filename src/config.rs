@@ -223,8 +223,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_LIMITS_REDIS_FAIL", value_enum, default_value_t = FailPolicy::Open)]
     pub limits_redis_fail: FailPolicy,
 
-    /// Longest a request waits for the shared limits, in seconds (default 10 ms: tens of normal
-    /// round trips, so only a Redis that is down or stalled trips it).
+    /// Longest a request waits for each check of the shared limits, in seconds (default 10 ms:
+    /// tens of typical round trips, so what trips it is a Redis that is down or stalled).
     #[arg(long, env = "MEMEX_LIMITS_REDIS_TIMEOUT", default_value_t = 0.01, value_parser = positive_seconds)]
     pub limits_redis_timeout: f64,
 

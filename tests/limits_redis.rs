@@ -282,3 +282,29 @@ async fn a_killed_redis_fails_open_or_closed_and_a_restarted_one_resumes_the_lim
         "no failures once Redis is back"
     );
 }
+
+#[test]
+fn shared_limits_without_a_common_key_hash_secret_refuse_to_start() {
+    // Redis is keyed by the key's hash: with a random secret per process no two replicas would
+    // share a key's state, so the start fails (no Redis is needed to find that out).
+    let mut args = base_args(&tiny_model_dir());
+    args.extend(
+        [
+            "--limits-redis",
+            "redis://127.0.0.1:1/",
+            "--api-key",
+            "some-key",
+        ]
+        .map(String::from),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memex"))
+        .arg("serve")
+        .args(&args)
+        .env_remove("MEMEX_KEY_HASH_SECRET")
+        .env_remove("MEMEX_API_KEY")
+        .output()
+        .expect("memex runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--key-hash-secret"), "{stderr}");
+}
