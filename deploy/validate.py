@@ -9,7 +9,8 @@ the GPU variant)
 2. CRD kinds (ServiceMonitor, ScaledObject) are not in those schemas: a structural check of the
    fields we use, written here.
 3. Cross-checks the schemas cannot see: probes on our health routes, the grace period above
-   preStop + drain, selectors that match, the in-flight divisor = MEMEX_MAX_CONCURRENT, the GPU.
+   preStop + drain, selectors that match, the in-flight divisor = MEMEX_MAX_CONCURRENT, the GPU,
+   and with components/redis: MEMEX_LIMITS_REDIS naming its Service, with a shared key-hash secret.
 """
 
 import copy
@@ -93,7 +94,27 @@ def check_scaled_object(c, so):
 
 
 def env_of(container):
-    return {e["name"]: e.get("value") for e in container.get("env", [])}
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+# components/redis adds its own Deployment and Service, checked apart from memex's.
+REDIS = "memex-redis"
+
+
+def check_redis(c, redis, env):
+    url = env.get("MEMEX_LIMITS_REDIS")
+    if not redis and url is None:
+        return
+    c.that(url is not None, "a Redis is deployed but MEMEX_LIMITS_REDIS is not set")
+    c.that(url is None or url.startswith(f"redis://{REDIS}:6379"), f"MEMEX_LIMITS_REDIS={url} names the {REDIS} Service")
+    c.that(isinstance(env.get("MEMEX_KEY_HASH_SECRET"), dict),
+           "MEMEX_KEY_HASH_SECRET comes from a Secret (the same on every replica)")
+    c.that(env.get("MEMEX_LIMITS_REDIS_FAIL", "open") in ("open", "closed"), "MEMEX_LIMITS_REDIS_FAIL")
+    kinds = {d["kind"]: d for d in redis}
+    c.that(set(kinds) == {"Deployment", "Service"}, f"{REDIS}: a Deployment and a Service")
+    if set(kinds) == {"Deployment", "Service"}:
+        pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
+        c.that(selects(kinds["Service"]["spec"]["selector"], pod_labels), f"{REDIS} Service selects its pod")
 
 
 def selects(selector, labels):
@@ -101,9 +122,11 @@ def selects(selector, labels):
 
 
 def check_rendering(c, docs, gpu):
+    redis = [d for d in docs if d["metadata"]["name"] == REDIS]
     by_kind = {}
     for d in docs:
-        by_kind.setdefault(d["kind"], []).append(d)
+        if d["metadata"]["name"] != REDIS:
+            by_kind.setdefault(d["kind"], []).append(d)
     before = len(c.errors)
     for kind in ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"):
         c.that(len(by_kind.get(kind, [])) == 1, f"exactly one {kind}")
@@ -162,6 +185,7 @@ def check_rendering(c, docs, gpu):
 
     gpus = main.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
     c.that(gpus == 1 if gpu else gpus is None, f"nvidia.com/gpu limit is {gpus}")
+    check_redis(c, redis, env)
 
 
 def validate_file(path):
@@ -192,7 +216,7 @@ def main(paths):
         else:
             print(f"ok   {path}: {', '.join(sorted(d['kind'] for d in docs))}")
     # The validator must reject what it should: a misspelt field in a Deployment.
-    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
+    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "memex"))
     broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     if not core_schema_errors(broken):
         print("FAIL the strict schema check accepted an unknown field")

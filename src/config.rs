@@ -15,6 +15,7 @@ use crate::engine::EngineKind;
 use crate::limits::admission::AdmissionConfig;
 use crate::limits::auth::{AuthConfig, SecretKey};
 use crate::limits::rate::RateLimits;
+use crate::limits::shared::{FailPolicy, RedisUrl, SharedConfig};
 use crate::pipeline::schema::{JsonLayout, OutputLimits};
 use crate::pipeline::PipelineConfig;
 
@@ -211,6 +212,22 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_TOKENS_PER_MINUTE", default_value_t = 100_000)]
     pub tokens_per_minute: u32,
 
+    /// Share every key's limits (`rps`, `burst`, `tpm`) across replicas through this Redis
+    /// (`redis://[:password@]host:port[/db]`) instead of each replica keeping its own. Needs the
+    /// same --key-hash-secret on every replica (Redis is keyed by the key's hash).
+    #[arg(long, env = "MEMEX_LIMITS_REDIS", hide_env_values = true)]
+    pub limits_redis: Option<RedisUrl>,
+
+    /// When the shared limits do not answer within --limits-redis-timeout: `open` serves with
+    /// this replica's own limits (logged and counted), `closed` answers 503/50004.
+    #[arg(long, env = "MEMEX_LIMITS_REDIS_FAIL", value_enum, default_value_t = FailPolicy::Open)]
+    pub limits_redis_fail: FailPolicy,
+
+    /// Longest a request waits for each check of the shared limits, in seconds (default 10 ms:
+    /// tens of typical round trips, so what trips it is a Redis that is down or stalled).
+    #[arg(long, env = "MEMEX_LIMITS_REDIS_TIMEOUT", default_value_t = 0.01, value_parser = positive_seconds)]
+    pub limits_redis_timeout: f64,
+
     /// Most requests generating at once: the cap of the adaptive limit, which admission moves
     /// between 1 and this from measured latency (README, "Admission").
     #[arg(long, env = "MEMEX_MAX_CONCURRENT", default_value_t = 64,
@@ -361,6 +378,15 @@ impl ServeArgs {
         }
     }
 
+    /// `--limits-redis*`, when the limits are shared.
+    pub fn shared_limits(&self) -> Option<SharedConfig> {
+        self.limits_redis.as_ref().map(|url| SharedConfig {
+            url: url.clone(),
+            timeout: Duration::from_secs_f64(self.limits_redis_timeout),
+            fail: self.limits_redis_fail,
+        })
+    }
+
     pub fn admission(&self) -> AdmissionConfig {
         AdmissionConfig {
             max_concurrent: self.max_concurrent as usize,
@@ -412,6 +438,61 @@ mod tests {
         let auth = args.auth();
         assert!(!auth.no_auth && auth.key_file.is_none());
         assert_eq!(auth.defaults.tokens_per_minute, 100_000);
+        assert!(
+            args.shared_limits().is_none(),
+            "limits are per replica by default"
+        );
+    }
+
+    #[test]
+    fn shared_limits_flags_parse_and_hide_the_password() {
+        let cli = Cli::try_parse_from([
+            "memex",
+            "serve",
+            "--model",
+            "/m",
+            "--limits-redis",
+            "redis://:hunter2@redis.example:6379/0",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!()
+        };
+        let shared = args.shared_limits().unwrap();
+        assert_eq!(shared.fail, FailPolicy::Open);
+        assert_eq!(shared.timeout, Duration::from_millis(10));
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis.example:6379"), "{shown}");
+
+        let cli = Cli::try_parse_from([
+            "memex",
+            "serve",
+            "--model",
+            "/m",
+            "--limits-redis",
+            "redis://127.0.0.1:6379",
+            "--limits-redis-fail",
+            "closed",
+            "--limits-redis-timeout",
+            "0.25",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!()
+        };
+        let shared = args.shared_limits().unwrap();
+        assert_eq!(shared.fail, FailPolicy::Closed);
+        assert_eq!(shared.timeout, Duration::from_millis(250));
+        for bad in [
+            ["--limits-redis", "http://not-redis"],
+            ["--limits-redis-fail", "maybe"],
+            ["--limits-redis-timeout", "0"],
+        ] {
+            let mut argv = vec!["memex", "serve", "--model", "/m"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -22,4 +22,7 @@ pub mod telemetry;
 /// integration tests alike).
 #[doc(hidden)]
 pub mod test_files;
+/// A real `redis-server` for the tests of the shared limits (unit and integration tests alike).
+#[doc(hidden)]
+pub mod test_redis;
 pub mod tiny_model;

@@ -13,7 +13,8 @@ use crate::config::ServeArgs;
 use crate::connections::{self, ConnectionConfig};
 use crate::engine::ModelSource;
 use crate::lifecycle::{Lifecycle, Phase};
-use crate::limits::KeyRing;
+use crate::limits::shared::SharedLimits;
+use crate::limits::{KeyRing, Limits};
 use crate::pipeline::Extractor;
 use crate::telemetry::engine::MeteredEngine;
 use crate::telemetry::Metrics;
@@ -41,6 +42,20 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     let source = ModelSource::resolve(&args.extractor.model, args.extractor.tokenizer.as_deref())?;
     let keys = KeyRing::load(&args.auth())?;
     log_auth(&keys);
+    let shared_limits = args.shared_limits().filter(|_| {
+        if !keys.is_enabled() {
+            tracing::warn!("--limits-redis ignored: with --no-auth there are no per-key limits");
+        }
+        keys.is_enabled()
+    });
+    if shared_limits.is_some() && args.key_hash_secret.is_none() {
+        // Redis is keyed by the key's hash: with a random secret per process, no two replicas
+        // would ever share a key's state.
+        anyhow::bail!(
+            "--limits-redis needs --key-hash-secret (MEMEX_KEY_HASH_SECRET), the same on every \
+             replica: the shared limits are keyed by the key's hash under it"
+        );
+    }
     let listener = TcpListener::bind(args.addr()?).await?;
     let addr = listener.local_addr()?;
     let metrics_listener = match args.metrics_addr()? {
@@ -52,10 +67,19 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         .map(TcpListener::local_addr)
         .transpose()?;
     let metrics = Arc::new(Metrics::new());
+    let limits = match shared_limits {
+        Some(config) => {
+            tracing::info!(redis = ?config.url, timeout = ?config.timeout, fail = ?config.fail,
+                "per-key limits shared through Redis");
+            Limits::shared(SharedLimits::connect(config, metrics.limits_backend())?)
+        }
+        None => Limits::local(),
+    };
     let lifecycle = Lifecycle::new();
     let state = AppState::new(api::Parts {
         http: args.http(),
         keys,
+        limits,
         admission: args.admission(),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::api::types::{Envelope, ExtractData};
-use crate::limits::{AdmissionError, AuthError, RateError};
+use crate::limits::{AdmissionError, AuthError, LimitError, RateError};
 use crate::pipeline::PipelineError;
 use crate::telemetry::http::ErrorOutcome;
 use crate::telemetry::Rejection;
@@ -60,6 +60,9 @@ pub enum ApiError {
     /// or cancelled at the deadline.
     #[error("{0}")]
     Overloaded(AdmissionError),
+    /// `--limits-redis-fail closed`, and the shared per-key limits did not answer in time.
+    #[error("{}", LimitError::Unavailable)]
+    LimitsUnavailable,
     #[error("server is not ready: {reason}")]
     Unavailable {
         reason: String,
@@ -93,7 +96,7 @@ impl ApiError {
             Self::RateLimited(RateError::Tokens { .. } | RateError::OverWholeQuota { .. }) => {
                 (StatusCode::TOO_MANY_REQUESTS, 40301)
             }
-            Self::Overloaded(_) | Self::Unavailable { .. } => {
+            Self::Overloaded(_) | Self::Unavailable { .. } | Self::LimitsUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, 50004)
             }
             Self::ExtractionFailed { .. } | Self::Internal(_) => {
@@ -123,6 +126,7 @@ impl ApiError {
             }
             Self::Overloaded(_) => Rejection::Overloaded,
             Self::Unavailable { .. } => Rejection::NotReady,
+            Self::LimitsUnavailable => Rejection::LimitsUnavailable,
             Self::ExtractionFailed { .. } | Self::Internal(_) => return None,
         })
     }
@@ -135,6 +139,7 @@ impl ApiError {
             Self::Unavailable {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
+            Self::LimitsUnavailable => Some(1),
             _ => None,
         }
     }
@@ -149,6 +154,15 @@ impl From<AuthError> for ApiError {
 impl From<RateError> for ApiError {
     fn from(e: RateError) -> Self {
         Self::RateLimited(e)
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::Rate(e) => Self::RateLimited(e),
+            LimitError::Unavailable => Self::LimitsUnavailable,
+        }
     }
 }
 
@@ -309,6 +323,15 @@ mod tests {
                 503,
                 50004,
             ),
+            (ApiError::from(LimitError::Unavailable), 503, 50004),
+            (
+                ApiError::from(LimitError::Rate(RateError::OverWholeQuota {
+                    requested: 10,
+                    per_minute: 5,
+                })),
+                429,
+                40301,
+            ),
             (ApiError::Internal("x".into()), 500, 50000),
         ];
         for (err, status, code) in cases {
@@ -320,6 +343,7 @@ mod tests {
     #[test]
     fn every_429_and_503_says_when_to_retry() {
         let errors = [
+            ApiError::LimitsUnavailable,
             ApiError::RateLimited(RateError::Tokens {
                 requested: 10,
                 per_minute: 20,

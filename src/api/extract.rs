@@ -21,7 +21,7 @@ use crate::api::error::ApiError;
 use crate::api::types::{Envelope, ExtractRequest};
 use crate::api::AppState;
 use crate::limits::admission::{Done, Work};
-use crate::limits::AdmissionError;
+use crate::limits::{AdmissionError, LimitError};
 use crate::pipeline::{ExtractInput, Extraction, PipelineError};
 use crate::telemetry::http::RequestRecord;
 
@@ -50,7 +50,7 @@ use crate::telemetry::http::RequestRecord;
         (status = 429, description = "40300: the key's request rate exceeded. 40301: the key's input-token quota exceeded", body = crate::api::openapi::ErrorResponse,
             headers(("retry-after" = u64, description = "Whole seconds to wait"))),
         (status = 500, description = "50000: an extraction branch failed even after its retry (the branch is named)", body = crate::api::openapi::ErrorResponse),
-        (status = 503, description = "50004: server full (queue bounded) or queue wait timed out, model loading, or draining", body = crate::api::openapi::ErrorResponse,
+        (status = 503, description = "50004: server full (queue bounded) or queue wait timed out, model loading, or draining, or the per-key limits shared through Redis unreachable with --limits-redis-fail closed", body = crate::api::openapi::ErrorResponse,
             headers(("retry-after" = u64, description = "Whole seconds to wait"))),
     )
 )]
@@ -90,15 +90,20 @@ async fn handle(
         .keys()
         .authenticate(headers.get(header::AUTHORIZATION))?;
     record.update(|f| f.key_hash = Some(caller.key_hash.clone()));
-    caller.limiter.check_request()?;
+    let limits = state.limits();
+    let mut taken = limits.check_request(&caller).await?;
     let deadline = deadline(state, headers, arrived)?;
 
     require_json(headers)?;
     let body = read_body(state, headers, body).await?;
     let request = parse(body).await?;
-    let extractor = state.ready_extractor().inspect_err(|_| {
-        caller.limiter.refund_request();
-    })?;
+    let extractor = match state.ready_extractor() {
+        Ok(extractor) => extractor,
+        Err(e) => {
+            limits.refund(&caller, &taken).await;
+            return Err(e);
+        }
+    };
     let prepared = extractor
         .prepare(ExtractInput {
             messages: request.messages,
@@ -108,12 +113,18 @@ async fn handle(
     let input_tokens = prepared.input_tokens;
     record.update(|f| f.input_tokens = Some(input_tokens));
 
-    caller.limiter.charge_tokens(input_tokens)?;
-    // The server, not the client, turns it away: the request cell and the tokens go back.
-    let refund = || {
-        caller.limiter.refund_request();
-        caller.limiter.refund_tokens(input_tokens);
-    };
+    if let Err(e) = limits
+        .charge_tokens(&caller, &mut taken, input_tokens)
+        .await
+    {
+        // A 503 (the shared limits failed closed) is the server's refusal: the cell goes back.
+        if e == LimitError::Unavailable {
+            limits.refund(&caller, &taken).await;
+        }
+        return Err(e.into());
+    }
+    // From here on a 503 is the server, not the client, turning it away: the request cell and
+    // the tokens go back (`limits.refund`).
 
     let admission = state.admission();
     // The engine computes the dialogue once (the branches share it) and each branch's short task
@@ -151,12 +162,12 @@ async fn handle(
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             if matches!(e, ApiError::Overloaded(_)) {
-                refund();
+                limits.refund(&caller, &taken).await;
             }
             return Err(e);
         }
         Err(_) => {
-            refund();
+            limits.refund(&caller, &taken).await;
             if generating.load(std::sync::atomic::Ordering::Relaxed) {
                 admission.deadline_missed();
             }

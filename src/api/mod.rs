@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::lifecycle::{Lifecycle, Phase};
-use crate::limits::{Admission, AdmissionConfig, KeyRing};
+use crate::limits::{Admission, AdmissionConfig, KeyRing, Limits};
 use crate::pipeline::Extractor;
 use crate::telemetry::http::observe;
 use crate::telemetry::Metrics;
@@ -46,6 +46,8 @@ impl Default for HttpConfig {
 pub struct Parts {
     pub http: HttpConfig,
     pub keys: KeyRing,
+    /// Each key's limits: per replica, or shared through Redis.
+    pub limits: Limits,
     pub admission: AdmissionConfig,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
@@ -60,6 +62,7 @@ struct StateInner {
     extractor: OnceLock<Arc<Extractor>>,
     http: HttpConfig,
     keys: KeyRing,
+    limits: Limits,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
@@ -76,6 +79,7 @@ impl AppState {
                 extractor: OnceLock::new(),
                 http: parts.http,
                 keys: parts.keys,
+                limits: parts.limits,
                 admission,
                 metrics: parts.metrics,
                 lifecycle: parts.lifecycle,
@@ -122,6 +126,10 @@ impl AppState {
 
     pub fn keys(&self) -> &KeyRing {
         &self.inner.keys
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     pub fn admission(&self) -> &Arc<Admission> {

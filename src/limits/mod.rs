@@ -16,11 +16,16 @@
 //! A 503 (not ready, draining, full) is the server's refusal, not the client's fault: the request
 //! cell and the tokens are given back, so that clients retrying on `Retry-After` during overload
 //! are not locked out by their own retries.
+//!
+//! Steps 2 and 4 go through [`shared::Limits`]: each key's own [`rate`] limiters, or, with
+//! `--limits-redis`, one state per key shared by all replicas through Redis ([`shared`]).
 
 pub mod admission;
 pub mod auth;
 pub mod rate;
+pub mod shared;
 
 pub use admission::{Admission, AdmissionConfig, AdmissionError, Permit};
 pub use auth::{AuthError, Caller, KeyHash, KeyRing};
 pub use rate::{RateError, RateLimits};
+pub use shared::{LimitError, Limits, Taken};

@@ -95,11 +95,56 @@ pub fn whole_seconds(d: Duration) -> u64 {
 
 /// Why a GCRA check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Denied {
+pub(super) enum Denied {
     /// Conforms again after this long.
     Wait(Duration),
     /// More cells than the burst: never conforms.
     TooMany,
+}
+
+/// The request-rate GCRA of `limits`: one cell every `period`, `burst` back to back; `None`
+/// when the limit is off. `--limits-redis` (`super::shared`) runs the same cells in Redis.
+pub(super) fn request_cells(limits: &RateLimits) -> Option<(Duration, u32)> {
+    let rps = limits.requests_per_second;
+    (rps.is_finite() && rps > 0.0).then(|| {
+        let period = Duration::from_secs_f64(1.0 / rps.clamp(MIN_RPS, MAX_RPS));
+        (period, limits.burst.max(1))
+    })
+}
+
+/// The token-quota GCRA of `limits`: a minute's worth of tokens at once, then one every
+/// `60 s / tpm`; `None` when the quota is off.
+pub(super) fn token_cells(limits: &RateLimits) -> Option<(Duration, u32)> {
+    let per_minute = limits.tokens_per_minute;
+    (per_minute > 0).then(|| (Duration::from_secs(60) / per_minute, per_minute))
+}
+
+/// The 429 of a denied request cell.
+pub(super) fn request_denied(limits: &RateLimits, denied: Denied) -> RateError {
+    RateError::Requests {
+        per_second: limits.requests_per_second,
+        burst: limits.burst.max(1),
+        retry_after: match denied {
+            Denied::Wait(d) => d,
+            Denied::TooMany => Duration::from_secs(1),
+        },
+    }
+}
+
+/// The 429 of a denied token charge.
+pub(super) fn tokens_denied(limits: &RateLimits, requested: usize, denied: Denied) -> RateError {
+    let per_minute = limits.tokens_per_minute;
+    match denied {
+        Denied::Wait(retry_after) => RateError::Tokens {
+            requested,
+            per_minute,
+            retry_after,
+        },
+        Denied::TooMany => RateError::OverWholeQuota {
+            requested,
+            per_minute,
+        },
+    }
 }
 
 /// The generic cell rate algorithm: `burst` cells back to back, then one every `period`. The
@@ -181,15 +226,8 @@ impl KeyLimiter {
     /// `requests_per_second` must be 0 or within [`MIN_RPS`]..=[`MAX_RPS`] (see [`parse_rps`]);
     /// out-of-range rates are clamped into it rather than panicking.
     pub fn new(limits: RateLimits) -> Self {
-        let rps = limits.requests_per_second;
-        let requests = (rps.is_finite() && rps > 0.0).then(|| {
-            let period = Duration::from_secs_f64(1.0 / rps.clamp(MIN_RPS, MAX_RPS));
-            Gcra::new(period, limits.burst)
-        });
-        let tokens = (limits.tokens_per_minute > 0).then(|| {
-            let per_minute = limits.tokens_per_minute;
-            Gcra::new(Duration::from_secs(60) / per_minute, per_minute)
-        });
+        let requests = request_cells(&limits).map(|(period, burst)| Gcra::new(period, burst));
+        let tokens = token_cells(&limits).map(|(period, burst)| Gcra::new(period, burst));
         Self {
             limits,
             requests,
@@ -206,14 +244,9 @@ impl KeyLimiter {
         let Some(limiter) = &self.requests else {
             return Ok(());
         };
-        limiter.take(1).map_err(|denied| RateError::Requests {
-            per_second: self.limits.requests_per_second,
-            burst: self.limits.burst.max(1),
-            retry_after: match denied {
-                Denied::Wait(d) => d,
-                Denied::TooMany => Duration::from_secs(1),
-            },
-        })
+        limiter
+            .take(1)
+            .map_err(|denied| request_denied(&self.limits, denied))
     }
 
     /// Give back the request cell of a request the server turned away (503).
@@ -231,19 +264,9 @@ impl KeyLimiter {
         if tokens == 0 {
             return Ok(());
         }
-        let per_minute = self.limits.tokens_per_minute;
-        match limiter.take(tokens as u64) {
-            Ok(()) => Ok(()),
-            Err(Denied::Wait(retry_after)) => Err(RateError::Tokens {
-                requested: tokens,
-                per_minute,
-                retry_after,
-            }),
-            Err(Denied::TooMany) => Err(RateError::OverWholeQuota {
-                requested: tokens,
-                per_minute,
-            }),
-        }
+        limiter
+            .take(tokens as u64)
+            .map_err(|denied| tokens_denied(&self.limits, tokens, denied))
     }
 
     /// Give back the tokens charged for a request the server turned away (503).

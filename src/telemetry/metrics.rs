@@ -16,6 +16,7 @@ use prometheus::proto::MetricFamily;
 
 use crate::engine::{Engine, EngineStats};
 use crate::limits::admission::AdmissionGauges;
+use crate::limits::shared::BackendMetrics;
 use crate::pipeline::branch::Branch;
 
 /// The `kind` label of `memex_engine_errors_total`: one per `EngineError` variant.
@@ -45,10 +46,12 @@ pub enum Rejection {
     NotReady,
     /// A connection over `--max-connections` (answered 503 or closed before any request).
     Connections,
+    /// `--limits-redis-fail closed` and the shared limits did not answer in time.
+    LimitsUnavailable,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Self::TooLong,
         Self::Rate,
         Self::Quota,
@@ -59,6 +62,7 @@ impl Rejection {
         Self::Invalid,
         Self::NotReady,
         Self::Connections,
+        Self::LimitsUnavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -73,9 +77,21 @@ impl Rejection {
             Self::Invalid => "invalid",
             Self::NotReady => "not_ready",
             Self::Connections => "connections",
+            Self::LimitsUnavailable => "limits_unavailable",
         }
     }
 }
+
+/// The `kind` label of `memex_limits_backend_errors_total`: no answer within
+/// `--limits-redis-timeout`, or an error (refused connection, script error).
+pub const LIMITS_BACKEND_ERROR_KINDS: [&str; 2] = ["timeout", "error"];
+
+/// Round trips to the shared limits: 100 µs to 100 ms, finest around a millisecond (a healthy
+/// one takes a fraction of one, the default deadline is 10 ms).
+const BACKEND_SECONDS_BUCKETS: [f64; 15] = [
+    0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.02, 0.05, 0.1,
+];
 
 /// Latency buckets from 5 ms to 5 min: CPU generations of a 0.6B model take tens of seconds.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -102,6 +118,8 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     pub engine_errors: IntCounterVec,
     pub branch_retries: IntCounterVec,
+    pub limits_backend_errors: IntCounterVec,
+    pub limits_backend_duration: Histogram,
     pub model_load_seconds: prometheus::Gauge,
     pub build_info: IntGaugeVec,
 }
@@ -225,6 +243,21 @@ impl Metrics {
                 ),
                 &["branch"],
             )?,
+            limits_backend_errors: IntCounterVec::new(
+                Opts::new(
+                    "memex_limits_backend_errors_total",
+                    "Checks of the per-key limits shared through Redis (--limits-redis) that got no \
+                     answer in time (timeout) or failed (error); --limits-redis-fail decided each",
+                ),
+                &["kind"],
+            )?,
+            limits_backend_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "memex_limits_backend_duration_seconds",
+                    "Round trip of each answered check of the per-key limits shared through Redis",
+                )
+                .buckets(BACKEND_SECONDS_BUCKETS.to_vec()),
+            )?,
             model_load_seconds: prometheus::Gauge::new(
                 "memex_model_load_seconds",
                 "Time the engine took to load the model",
@@ -250,6 +283,9 @@ impl Metrics {
         for branch in Branch::ALL {
             m.branch_retries.with_label_values(&[branch.name()]);
         }
+        for kind in LIMITS_BACKEND_ERROR_KINDS {
+            m.limits_backend_errors.with_label_values(&[kind]);
+        }
         Ok(m)
     }
 
@@ -273,6 +309,8 @@ impl Metrics {
         r.register(Box::new(self.rejections.clone()))?;
         r.register(Box::new(self.engine_errors.clone()))?;
         r.register(Box::new(self.branch_retries.clone()))?;
+        r.register(Box::new(self.limits_backend_errors.clone()))?;
+        r.register(Box::new(self.limits_backend_duration.clone()))?;
         r.register(Box::new(self.model_load_seconds.clone()))?;
         r.register(Box::new(self.build_info.clone()))?;
         Ok(())
@@ -284,6 +322,13 @@ impl Metrics {
             queued: self.queued.clone(),
             limit: self.admission_limit.clone(),
             predicted: self.predicted_service.clone(),
+        }
+    }
+
+    pub fn limits_backend(&self) -> BackendMetrics {
+        BackendMetrics {
+            errors: self.limits_backend_errors.clone(),
+            round_trip: self.limits_backend_duration.clone(),
         }
     }
 
