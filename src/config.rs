@@ -412,13 +412,18 @@ impl ServeArgs {
 mod tests {
     use super::*;
 
+    /// `memex serve --model /m` with `extra` flags.
+    fn serve(extra: &[&str]) -> ServeArgs {
+        let argv = ["memex", "serve", "--model", "/m"].iter().chain(extra);
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not the serve command")
+        };
+        args
+    }
+
     #[test]
     fn flags_parse_with_defaults() {
-        let cli =
-            Cli::try_parse_from(["memex", "serve", "--model", "/m", "--max-items", "3"]).unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!()
-        };
+        let args = serve(&["--max-items", "3"]);
         assert_eq!(args.port, 8080);
         assert_eq!(args.extractor.max_input_tokens, 8000);
         assert_eq!(args.extractor.pipeline().limits.max_items, 3);
@@ -446,18 +451,7 @@ mod tests {
 
     #[test]
     fn shared_limits_flags_parse_and_hide_the_password() {
-        let cli = Cli::try_parse_from([
-            "memex",
-            "serve",
-            "--model",
-            "/m",
-            "--limits-redis",
-            "redis://:hunter2@redis.example:6379/0",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!()
-        };
+        let args = serve(&["--limits-redis", "redis://:hunter2@redis.example:6379/0"]);
         let shared = args.shared_limits().unwrap();
         assert_eq!(shared.fail, FailPolicy::Open);
         assert_eq!(shared.timeout, Duration::from_millis(10));
@@ -465,22 +459,14 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redis.example:6379"), "{shown}");
 
-        let cli = Cli::try_parse_from([
-            "memex",
-            "serve",
-            "--model",
-            "/m",
+        let args = serve(&[
             "--limits-redis",
             "redis://127.0.0.1:6379",
             "--limits-redis-fail",
             "closed",
             "--limits-redis-timeout",
             "0.25",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!()
-        };
+        ]);
         let shared = args.shared_limits().unwrap();
         assert_eq!(shared.fail, FailPolicy::Closed);
         assert_eq!(shared.timeout, Duration::from_millis(250));
@@ -497,11 +483,7 @@ mod tests {
 
     #[test]
     fn serving_flags_parse() {
-        let cli = Cli::try_parse_from([
-            "memex",
-            "serve",
-            "--model",
-            "/m",
+        let args = serve(&[
             "--api-key",
             "sekrit1,sekrit2",
             "--queue-timeout",
@@ -510,11 +492,7 @@ mod tests {
             "2",
             "--metrics-port",
             "9100",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!()
-        };
+        ]);
         assert_eq!(args.api_key.len(), 2);
         assert_eq!(args.admission().queue_timeout, Duration::from_millis(500));
         assert_eq!(args.admission().max_concurrent, 2);
