@@ -217,11 +217,13 @@ fn device_setup_gguf(b: GgufModelBuilder, _: &MistralOptions) -> anyhow::Result<
     Ok(b.with_force_cpu())
 }
 
-fn finish_reason(s: &str) -> FinishReason {
+fn finish_reason(s: &str) -> Result<FinishReason, EngineError> {
     match s {
-        "stop" => FinishReason::Stop,
-        "length" => FinishReason::Length,
-        other => FinishReason::Other(other.to_string()),
+        "stop" => Ok(FinishReason::Stop),
+        "length" => Ok(FinishReason::Length),
+        other => Err(EngineError::Generation(format!(
+            "the engine ended the generation with `{other}`"
+        ))),
     }
 }
 
@@ -267,7 +269,7 @@ impl Engine for MistralEngine {
                             text.push_str(&delta);
                         }
                         if let Some(reason) = choice.finish_reason {
-                            finish = Some(finish_reason(&reason));
+                            finish = Some(finish_reason(&reason)?);
                         }
                     }
                     if chunk.usage.is_some() {

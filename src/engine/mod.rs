@@ -105,14 +105,14 @@ pub struct GenerateRequest {
 }
 
 /// Why a generation ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A generation that ends any other way (an engine error, a cancelled request) is an
+/// [`EngineError`], not a finish reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// The grammar completed and an end token was produced.
     Stop,
     /// `max_tokens` (or the model's context) ran out first.
     Length,
-    /// Anything else the engine reports (kept verbatim for logs).
-    Other(String),
 }
 
 /// The result of one generation, with what the observability layer needs.

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::kv_cache::slot;
 use super::math::exp_shifted_sum;
-use super::model::Run;
+use super::step::Run;
 use super::weights::Config;
 
 /// Causal attention of every row's query heads over its own sequence's cached keys and values.

@@ -4,8 +4,10 @@
 //! shortest bucket alone), so concurrent extractions of real, different-length dialogues ran one
 //! after another and slower than alone. Here every step runs all scheduled sequences together:
 //!
-//! - `scheduler`: who runs this step and how many tokens (decode first, chunked prefill after);
-//! - `model`: one flattened forward pass for the step (`weights`: Llama / Qwen2 / Qwen3;
+//! - `scheduler`: who runs this step and how many tokens (decode first, chunked prefill after),
+//!   and what happens to the sequences after it;
+//! - `step`: the step's runs flattened into rows, planned once for both forward passes;
+//! - `host_model`: the forward pass on our CPU kernels (`weights`: Llama / Qwen2 / Qwen3;
 //!   `linear`: the matmul kernels, which read each weight once per step for all rows;
 //!   `attention`: every row over its own cached keys and values, split across cores);
 //! - `tensor_model`: the same step as candle tensor ops on a device (the GPU path), over a KV
@@ -22,14 +24,15 @@
 
 pub mod attention;
 pub mod bpe;
+pub mod host_model;
 pub mod kv_cache;
 pub mod linear;
 mod math;
-pub mod model;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod stats;
+pub mod step;
 pub mod tensor_model;
 pub mod tokenizer;
 pub mod weights;
@@ -42,20 +45,20 @@ use async_trait::async_trait;
 use candle_core::quantized::GgmlDType;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
-use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use super::{
     Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
     PromptMessage,
 };
+use host_model::{HostModel, HostPass};
 use kv_cache::{BlockManager, KvPool, BLOCK_SIZE};
-use model::{Model, Run};
 use sampler::Dry;
 use scheduler::Scheduler;
 use sequence::{Finished, Sequence};
 use stats::NativeStats;
 use std::sync::atomic::Ordering::Relaxed;
+use step::ForwardPass;
 use tokenizer::{ChatTemplate, Encoder};
 
 #[derive(Debug, Clone)]
@@ -125,21 +128,9 @@ impl NativeDevice {
     };
 }
 
-/// What runs a step's forward pass. Both take the same runs and block tables, so the scheduler,
-/// block manager and prefix cache do not know which one they drive.
-enum Executor {
-    Host { model: Model, pool: KvPool },
-    Tensors(tensor_model::TensorModel),
-}
-
-impl Executor {
-    fn forward(&mut self, runs: &[Run]) -> candle_core::Result<Vec<Option<Vec<f32>>>> {
-        match self {
-            Self::Host { model, pool } => model.forward(runs, pool),
-            Self::Tensors(m) => m.forward(runs),
-        }
-    }
-}
+/// What runs a step's forward pass. Both passes take the same runs and block tables, so the
+/// scheduler, block manager and prefix cache do not know which one they drive.
+type Executor = Box<dyn ForwardPass>;
 
 impl Default for NativeOptions {
     fn default() -> Self {
@@ -218,13 +209,12 @@ impl NativeEngine {
         let factory = Arc::new(ParserFactory::new_simple(&env)?);
         let eos: Vec<u32> = factory.tok_env().tok_trie().eos_tokens().to_vec();
         let config = weights.config.clone();
-        let (executor, blocks, model_positions) = match opts.device {
+        let (executor, blocks): (Executor, usize) = match opts.device {
             NativeDevice::Cpu => {
-                let model = Model::new(weights);
+                let model = HostModel::new(weights);
                 let blocks = pool_blocks(&config, opts.kv_cache_bytes, 4);
                 let pool = KvPool::new(config.layers, config.kv_heads, config.head_dim, blocks);
-                let positions = model.max_positions();
-                (Executor::Host { model, pool }, blocks, positions)
+                (Box::new(HostPass { model, pool }), blocks)
             }
             NativeDevice::Cuda | NativeDevice::CpuTensors => {
                 let (dev, dtype) = if opts.device == NativeDevice::Cuda {
@@ -237,12 +227,11 @@ impl NativeEngine {
                 let blocks = pool_blocks(&config, opts.kv_cache_bytes, dtype.size_in_bytes());
                 let m = tensor_model::TensorModel::new(&weights, &dev, dtype, blocks)?;
                 drop(weights);
-                let positions = m.max_positions();
-                (Executor::Tensors(m), blocks, positions)
+                (Box::new(m), blocks)
             }
         };
         // A generation must fit the model's positions and, alone, the KV pool.
-        let max_positions = model_positions.min(blocks * BLOCK_SIZE);
+        let max_positions = executor.max_positions().min(blocks * BLOCK_SIZE);
 
         let tokenizer = Arc::new(tokenizer);
         let encoder = Encoder::new(tokenizer.clone());
@@ -431,7 +420,13 @@ fn engine_loop(
         if opts.panic_at_submission == Some(submissions) {
             panic!("injected fault at submission {submissions}");
         }
-        admit(s)
+        Sequence::new(
+            s.prompt,
+            s.max_tokens,
+            s.matcher,
+            Some(s.reply),
+            s.submitted,
+        )
     };
     loop {
         // Block only when there is nothing to do; otherwise take whatever has arrived.
@@ -457,53 +452,16 @@ fn engine_loop(
             continue;
         }
 
-        let runs: Vec<Run> = sched
-            .running
-            .iter()
-            .filter(|s| s.scheduled > 0)
-            .map(|s| Run {
-                tokens: &s.tokens[s.computed..s.computed + s.scheduled],
-                start: s.computed,
-                table: &s.table,
-                wants_logits: s.computed + s.scheduled == s.tokens.len(),
-            })
-            .collect();
+        let runs = sched.runs();
         let batch = runs.len();
-        let result = executor.forward(&runs);
+        let result = executor.run(&runs);
         drop(runs);
-        let logits = match result {
-            Ok(l) => l,
+        match result {
+            Ok(logits) => sched.postprocess(logits, |s, l| advance(s, l, &eos, dry.as_ref())),
             Err(e) => {
-                // A failed step fails the sequences in it, never silently.
-                let msg = format!("forward pass failed: {e}");
-                for s in sched.running.iter_mut().filter(|s| s.scheduled > 0) {
-                    s.respond(Err(EngineError::Generation(msg.clone())));
-                    s.finish = Some(FinishReason::Other("error".into()));
-                }
+                sched.fail_step(&e.to_string());
                 continue;
             }
-        };
-        for s in sched.running.iter_mut().filter(|s| s.scheduled > 0) {
-            let n = s.scheduled;
-            s.commit(n, &mut sched.blocks);
-        }
-
-        // Masks, argmax and grammar bookkeeping for all sampled sequences, in parallel.
-        let mut logits = logits.into_iter();
-        let mut work: Vec<(&mut Sequence, Vec<f32>)> = Vec::new();
-        for s in sched.running.iter_mut().filter(|s| s.scheduled > 0) {
-            if let Some(Some(l)) = logits.next() {
-                work.push((s, l));
-            }
-        }
-        work.par_iter_mut().for_each(|(s, l)| {
-            if let Err(e) = advance(s, l, &eos, dry.as_ref()) {
-                s.respond(Err(e));
-                s.finish = Some(FinishReason::Other("error".into()));
-            }
-        });
-        for s in sched.running.iter_mut().filter(|s| s.finish.is_some()) {
-            s.respond(Ok(()));
         }
         stats.record_step(batch, planned, step_started.elapsed(), &sched);
     }
@@ -513,25 +471,6 @@ fn engine_loop(
 fn pool_blocks(c: &weights::Config, bytes: usize, elem: usize) -> usize {
     let bytes_per_block = c.layers * 2 * c.kv_heads * c.head_dim * elem * BLOCK_SIZE;
     (bytes / bytes_per_block).max(1)
-}
-
-fn admit(s: Submission) -> Sequence {
-    let prompt_len = s.prompt.len();
-    Sequence {
-        tokens: s.prompt,
-        prompt_len,
-        max_tokens: s.max_tokens,
-        table: Vec::new(),
-        computed: 0,
-        hashes: Vec::new(),
-        matcher: s.matcher,
-        reply: Some(s.reply),
-        submitted: s.submitted,
-        first_token: None,
-        scheduled: 0,
-        finish: None,
-        cached_prompt_tokens: 0,
-    }
 }
 
 /// Pick the next token under the grammar, append it and any forced tokens, and decide whether

@@ -17,15 +17,20 @@
 
 use std::collections::VecDeque;
 
+use rayon::prelude::*;
+
 use super::kv_cache::{BlockManager, BLOCK_SIZE};
 use super::sequence::Sequence;
+use super::step::{Run, StepLogits};
+use crate::engine::EngineError;
 
 /// Blocks kept free at admission so running sequences can grow for a while without preemption.
 const WATERMARK_FRACTION: f64 = 0.01;
 
 pub struct Scheduler {
-    pub waiting: VecDeque<Sequence>,
-    pub running: Vec<Sequence>,
+    waiting: VecDeque<Sequence>,
+    /// In admission order.
+    running: Vec<Sequence>,
     pub blocks: BlockManager,
     max_running: usize,
     step_tokens: usize,
@@ -50,6 +55,73 @@ impl Scheduler {
 
     pub fn add(&mut self, seq: Sequence) {
         self.waiting.push_back(seq);
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The planned step: one run per scheduled sequence, in admission order.
+    pub fn runs(&self) -> Vec<Run<'_>> {
+        self.scheduled()
+            .map(|s| Run {
+                tokens: &s.tokens[s.computed..s.computed + s.scheduled],
+                start: s.computed,
+                table: &s.table,
+                wants_logits: s.computed + s.scheduled == s.tokens.len(),
+            })
+            .collect()
+    }
+
+    fn scheduled(&self) -> impl Iterator<Item = &Sequence> {
+        self.running.iter().filter(|s| s.scheduled > 0)
+    }
+
+    fn scheduled_mut(&mut self) -> impl Iterator<Item = &mut Sequence> {
+        self.running.iter_mut().filter(|s| s.scheduled > 0)
+    }
+
+    /// The step's forward pass failed: so do the sequences in it, never silently.
+    pub fn fail_step(&mut self, error: &str) {
+        for s in self.scheduled_mut() {
+            s.fail(EngineError::Generation(format!(
+                "forward pass failed: {error}"
+            )));
+        }
+    }
+
+    /// After a forward pass: record the computed positions (registering full blocks in the
+    /// prefix cache), pick each sampled sequence's next tokens with `sample` (masks and grammar
+    /// bookkeeping, in parallel; `logits` are in `runs` order), then answer the sequences that
+    /// finished and fail those whose sampling failed.
+    pub fn postprocess<F>(&mut self, logits: StepLogits, sample: F)
+    where
+        F: Fn(&mut Sequence, &mut [f32]) -> Result<(), EngineError> + Sync,
+    {
+        let blocks = &mut self.blocks;
+        for s in self.running.iter_mut().filter(|s| s.scheduled > 0) {
+            let n = s.scheduled;
+            s.commit(n, blocks);
+        }
+        let mut work: Vec<(&mut Sequence, Vec<f32>)> = self
+            .running
+            .iter_mut()
+            .filter(|s| s.scheduled > 0)
+            .zip(logits)
+            .filter_map(|(s, l)| Some((s, l?)))
+            .collect();
+        work.par_iter_mut().for_each(|(s, l)| {
+            if let Err(e) = sample(s, l) {
+                s.fail(e);
+            }
+        });
+        for s in self.running.iter_mut().filter(|s| s.finish.is_some()) {
+            s.answer();
+        }
     }
 
     /// Drop sequences whose caller went away (or that were answered); their blocks go back.
@@ -177,11 +249,11 @@ impl Scheduler {
                 // Only reachable with nothing running: the prompt is larger than the pool.
                 self.blocks.release(&table);
                 let mut s = self.waiting.remove(i).expect("index is in range");
-                s.respond(Err(crate::engine::EngineError::Rejected(format!(
+                s.fail(EngineError::Rejected(format!(
                     "the prompt needs {} KV blocks of {BLOCK_SIZE} positions and the pool has {}",
                     BlockManager::blocks_for(s.tokens.len()),
                     self.blocks.total()
-                ))));
+                )));
                 continue;
             }
             let mut s = self.waiting.remove(i).expect("index is in range");
@@ -208,13 +280,12 @@ impl Scheduler {
             if self.running.len() == 1 {
                 // Alone and still out of room: the pool is smaller than this one generation.
                 // Requeueing it would loop forever; fail it with the reason instead.
+                let total = self.blocks.total();
                 let s = &mut self.running[i];
-                s.respond(Err(crate::engine::EngineError::Generation(format!(
-                    "KV cache exhausted at {} positions ({} blocks of {BLOCK_SIZE})",
+                s.fail(EngineError::Generation(format!(
+                    "KV cache exhausted at {} positions ({total} blocks of {BLOCK_SIZE})",
                     s.computed + n,
-                    self.blocks.total()
-                ))));
-                s.finish = Some(crate::engine::FinishReason::Other("kv_exhausted".into()));
+                )));
                 return Growth::Failed;
             }
             let newest = self.running.len() - 1;
@@ -246,21 +317,8 @@ mod tests {
     use super::*;
 
     fn seq(tokens: Vec<u32>) -> Sequence {
-        Sequence {
-            prompt_len: tokens.len(),
-            tokens,
-            max_tokens: 4,
-            table: Vec::new(),
-            computed: 0,
-            hashes: Vec::new(),
-            matcher: Matcher::new(Err(anyhow::anyhow!("no grammar in scheduler tests"))),
-            reply: None,
-            submitted: Instant::now(),
-            first_token: None,
-            scheduled: 0,
-            finish: None,
-            cached_prompt_tokens: 0,
-        }
+        let matcher = Matcher::new(Err(anyhow::anyhow!("no grammar in scheduler tests")));
+        Sequence::new(tokens, 4, matcher, None, Instant::now())
     }
 
     /// What the engine loop does after a forward pass: every scheduled token is computed.

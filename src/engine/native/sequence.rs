@@ -43,6 +43,32 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// A prompt waiting for admission. `reply` is `None` only in tests that plan steps without
+    /// a caller.
+    pub fn new(
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        matcher: Matcher,
+        reply: Option<Reply>,
+        submitted: Instant,
+    ) -> Self {
+        Self {
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            max_tokens,
+            table: Vec::new(),
+            computed: 0,
+            hashes: Vec::new(),
+            matcher,
+            reply,
+            submitted,
+            first_token: None,
+            scheduled: 0,
+            finish: None,
+            cached_prompt_tokens: 0,
+        }
+    }
+
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -84,15 +110,23 @@ impl Sequence {
         self.reply.as_ref().is_none_or(|r| r.is_closed())
     }
 
-    /// Send the result (or an error) back; the sequence is finished either way.
-    pub fn respond(&mut self, result: Result<(), EngineError>) {
-        let Some(reply) = self.reply.take() else {
+    /// Answer with an error. The reply is spent, so the sequence now counts as cancelled and
+    /// the scheduler drops it (and frees its blocks) before the next step.
+    pub fn fail(&mut self, error: EngineError) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(Err(error));
+        }
+    }
+
+    /// Send the generation back once `finish` is set.
+    pub fn answer(&mut self) {
+        let (Some(finish), Some(reply)) = (self.finish, self.reply.take()) else {
             return;
         };
         let total_time = self.submitted.elapsed();
-        let _ = reply.send(result.map(|()| Finished {
+        let _ = reply.send(Ok(Finished {
             generated: self.tokens[self.prompt_len..].to_vec(),
-            finish: self.finish.clone().unwrap_or(FinishReason::Stop),
+            finish,
             prompt_tokens: self.prompt_len,
             time_to_first_token: self.first_token.unwrap_or(total_time),
             total_time,

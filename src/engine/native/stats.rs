@@ -41,8 +41,8 @@ impl NativeStats {
     }
 
     pub(super) fn record_queue(&self, s: &Scheduler) {
-        self.running.store(s.running.len() as u64, Relaxed);
-        self.waiting.store(s.waiting.len() as u64, Relaxed);
+        self.running.store(s.running() as u64, Relaxed);
+        self.waiting.store(s.waiting() as u64, Relaxed);
         self.kv_blocks_used.store(s.blocks.used() as u64, Relaxed);
         self.prefix_hits.store(s.blocks.prefix_hits, Relaxed);
         self.prefix_hit_tokens

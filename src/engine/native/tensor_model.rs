@@ -1,13 +1,13 @@
 //! The forward pass as candle tensor ops on any device: the native engine's GPU path.
 //!
-//! `model` runs a step with our own CPU kernels over host slices. A GPU needs the same step as
+//! `host_model` runs a step with our own CPU kernels over host slices. A GPU needs the same step as
 //! device kernels, and this file is that step in candle's ops (cuBLAS matmuls, candle's quantized
 //! matmul, its rms-norm, rope and softmax kernels) over a KV pool of device tensors with the same
 //! slot layout and block tables as `kv_cache::KvPool`. The scheduler, block manager and prefix
 //! cache are therefore shared unchanged. It runs on the CPU device too, which is how it is checked
-//! on machines without a GPU: the tests compare its logits with `model`'s.
+//! on machines without a GPU: the tests compare its logits with `host_model`'s.
 //!
-//! As in `model`, the linear layers run once for the whole flattened step, whatever the mix of
+//! As in `host_model`, the linear layers run once for the whole flattened step, whatever the mix of
 //! prefill chunks and decode tokens. Attention reads keys and values through the block tables
 //! (`index_select` of the slots): all decode rows of a step together, padded to the longest
 //! context and masked, so a decode step costs the same dozen ops per layer at any batch size;
@@ -18,9 +18,10 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::host_model::rope_tables;
 use super::kv_cache::{slot, BLOCK_SIZE};
 use super::linear::{CandleWeight, Group, Linear};
-use super::model::{rope_tables, Run};
+use super::step::{ForwardPass, Run, Step, StepLogits};
 use super::weights::{Config, Weights};
 
 pub struct TensorModel {
@@ -163,6 +164,20 @@ struct Decode {
     keys: usize,
 }
 
+impl ForwardPass for TensorModel {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn max_positions(&self) -> usize {
+        self.positions
+    }
+
+    fn forward(&mut self, step: &Step) -> Result<StepLogits> {
+        self.forward_step(step)
+    }
+}
+
 impl TensorModel {
     /// The model's weights on `dev` in `dtype` (quantized layers keep their blocks), with a KV
     /// pool of `blocks` blocks.
@@ -206,36 +221,14 @@ impl TensorModel {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub fn max_positions(&self) -> usize {
-        self.positions
-    }
-
-    /// Run one step, writing the runs' keys and values into the pool. Returns, for each run that
-    /// wants them, the logits after its last token (the same contract as `Model::forward`).
-    pub fn forward(&mut self, runs: &[Run]) -> Result<Vec<Option<Vec<f32>>>> {
+    fn forward_step(&mut self, step: &Step) -> Result<StepLogits> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.heads, c.kv_heads, c.head_dim);
         let width = kv_heads * d;
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut slots = Vec::new();
-        for r in runs {
-            ids.extend_from_slice(r.tokens);
-            for p in r.start..r.start + r.tokens.len() {
-                if p >= self.positions {
-                    candle_core::bail!("position {p} is beyond the rotary tables");
-                }
-                positions.push(p as u32);
-                slots.push(slot(r.table, p) as u32);
-            }
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= c.vocab) {
-            candle_core::bail!("token {id} is outside the vocabulary of {}", c.vocab);
-        }
+        let runs = step.runs;
+        let ids = step.ids.clone();
+        let positions: Vec<u32> = step.rows.iter().map(|&(_, p)| p as u32).collect();
+        let slots: Vec<u32> = step.slots.iter().map(|&s| s as u32).collect();
         let t = ids.len();
         let dev = &self.dev;
         let mut x = self
@@ -292,17 +285,10 @@ impl TensorModel {
             x = (x + layer.down.forward(&(gate.silu()? * up)?)?)?;
         }
 
-        let mut last = Vec::new();
-        let mut row = 0;
-        for r in runs {
-            row += r.tokens.len();
-            if r.wants_logits {
-                last.push(row as u32 - 1);
-            }
+        if step.logit_rows.is_empty() {
+            return Ok(step.per_run(std::iter::empty()));
         }
-        if last.is_empty() {
-            return Ok(runs.iter().map(|_| None).collect());
-        }
+        let last: Vec<u32> = step.logit_rows.iter().map(|&r| r as u32).collect();
         let n = last.len();
         let x = x.index_select(&Tensor::from_vec(last, n, dev)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps)?;
@@ -311,11 +297,7 @@ impl TensorModel {
             .forward(&x)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        let mut per_row = logits.into_iter();
-        Ok(runs
-            .iter()
-            .map(|r| r.wants_logits.then(|| per_row.next()).flatten())
-            .collect())
+        Ok(step.per_run(logits.into_iter()))
     }
 
     /// The step's attention layout, shared by every layer: single-row runs (decode steps) are
@@ -494,9 +476,9 @@ impl TensorModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::native::host_model::batch_tests::{max_diff, table, tiny_weights, tokens};
+    use crate::engine::native::host_model::HostModel;
     use crate::engine::native::kv_cache::KvPool;
-    use crate::engine::native::model::batch_tests::{max_diff, table, tiny_weights, tokens};
-    use crate::engine::native::model::Model;
     use candle_core::quantized::GgmlDType;
 
     /// The CPU device, or the GPU with `MEMEX_TEST_TENSOR_DEVICE=cuda` (a `cuda` build).
@@ -523,13 +505,13 @@ mod tests {
     /// Three sequences of different lengths, each prefilled in two chunks (the second chunk of
     /// one beside the first of another) and then decoded one token, through both forward paths.
     /// Returns the logits of every step that produced them: `[path][step][run]`.
-    fn mixed_steps(host: &Model, dev: &mut TensorModel) -> [Vec<Vec<f32>>; 2] {
+    fn mixed_steps(host: &HostModel, dev: &mut TensorModel) -> [Vec<Vec<f32>>; 2] {
         mixed_steps_of(host, dev, [tokens(1, 37), tokens(2, 9), tokens(3, 20)])
     }
 
     /// `mixed_steps` on given sequences of (at least) 37, 9 and 20 tokens.
     fn mixed_steps_of(
-        host: &Model,
+        host: &HostModel,
         dev: &mut TensorModel,
         seqs: [Vec<u32>; 3],
     ) -> [Vec<Vec<f32>>; 2] {
@@ -555,8 +537,8 @@ mod tests {
         ];
         let mut out = [Vec::new(), Vec::new()];
         for step in &steps {
-            let a = host.forward(step, &mut pool).unwrap();
-            let b = dev.forward(step).unwrap();
+            let a = host.forward(&Step::new(step), &mut pool).unwrap();
+            let b = dev.run(step).unwrap();
             for (got, path) in [a, b].into_iter().zip(out.iter_mut()) {
                 path.extend(got.into_iter().flatten());
             }
@@ -570,7 +552,7 @@ mod tests {
 
     fn compare_weights(w: Weights, dtype: DType, tolerance: f32) {
         let mut dev = TensorModel::new(&w, &device(), dtype, 64).unwrap();
-        let host = Model::new(w);
+        let host = HostModel::new(w);
         let [a, b] = mixed_steps(&host, &mut dev);
         assert_eq!(a.len(), 7);
         assert_eq!(a.len(), b.len());
@@ -648,7 +630,7 @@ mod tests {
             ),
         ];
         let mut dev = TensorModel::new(&w, &device(), DType::F32, 64).unwrap();
-        let host = Model::new(w);
+        let host = HostModel::new(w);
         let [a, b] = mixed_steps_of(&host, &mut dev, seqs);
         let argmax = |l: &[f32]| {
             l.iter()
@@ -674,7 +656,7 @@ mod tests {
         let s = tokens(9, 40);
         let t = [5u32, 2, 7];
         let one_shot = dev
-            .forward(&[Run {
+            .run(&[Run {
                 tokens: &s,
                 start: 0,
                 table: &t,
@@ -687,7 +669,7 @@ mod tests {
         let t2 = [3u32, 11, 0];
         for (from, to) in [(0, 32), (32, 40)] {
             let got = fresh
-                .forward(&[Run {
+                .run(&[Run {
                     tokens: &s[from..to],
                     start: from,
                     table: &t2,

@@ -1,21 +1,23 @@
-//! The transformer forward pass over a ragged batch.
+//! The transformer forward pass over a ragged batch, on our CPU kernels (`--native-device cpu`).
 //!
 //! Every scheduled sequence contributes a run of tokens (a prefill chunk, or a decode token plus
-//! any grammar-forced ones). All runs are flattened into one `[T, hidden]` activation matrix, so
-//! each linear layer is one matmul for the whole step whatever the sequences' lengths. Attention
-//! is the only per-sequence part: `attention` reads each run's keys and values straight out of
-//! the block pool, every (token, head) in parallel, with no per-sequence tensor ops (on CPU the
-//! fixed cost of a few small tensor ops per sequence and layer would dominate a decode step).
+//! any grammar-forced ones). All runs are flattened into one `[T, hidden]` activation matrix
+//! (`step`), so each linear layer is one matmul for the whole step whatever the sequences'
+//! lengths. Attention is the only per-sequence part: `attention` reads each run's keys and
+//! values straight out of the block pool, every (token, head) in parallel, with no per-sequence
+//! tensor ops (on CPU the fixed cost of a few small tensor ops per sequence and layer would
+//! dominate a decode step).
 
 use candle_core::Result;
 use rayon::prelude::*;
 
 use super::attention::attention;
-use super::kv_cache::{slot, KvPool};
+use super::kv_cache::KvPool;
 use super::math::silu_mul;
+use super::step::{ForwardPass, Step, StepLogits};
 use super::weights::{Config, Weights};
 
-pub struct Model {
+pub struct HostModel {
     pub weights: Weights,
     /// `[position][head_dim / 2]` rotary tables.
     cos: Vec<f32>,
@@ -23,22 +25,30 @@ pub struct Model {
     positions: usize,
 }
 
-/// One sequence's part of a step.
-pub struct Run<'a> {
-    /// The tokens to run now.
-    pub tokens: &'a [u32],
-    /// Positions already in the cache (the first token of the run sits at this position).
-    pub start: usize,
-    /// The sequence's block table; it covers `start + tokens.len()` positions.
-    pub table: &'a [u32],
-    /// Whether the logits after the run's last token are needed (false mid-prefill).
-    pub wants_logits: bool,
+/// The host model with its KV pool: what the engine runs on `--native-device cpu`.
+pub struct HostPass {
+    pub model: HostModel,
+    pub pool: KvPool,
+}
+
+impl ForwardPass for HostPass {
+    fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.max_positions()
+    }
+
+    fn forward(&mut self, step: &Step) -> Result<StepLogits> {
+        self.model.forward(step, &mut self.pool)
+    }
 }
 
 /// How many positions the RoPE tables cover at most; longer contexts are refused at admission.
 const MAX_ROPE_POSITIONS: usize = 65_536;
 
-impl Model {
+impl HostModel {
     pub fn new(weights: Weights) -> Self {
         let (cos, sin, positions) = rope_tables(&weights.config);
         Self {
@@ -57,34 +67,20 @@ impl Model {
         self.positions
     }
 
-    /// Run one step, writing the runs' keys and values into `pool`. Returns, for each run that
-    /// wants them, the logits after its last token.
-    pub fn forward(&self, runs: &[Run], pool: &mut KvPool) -> Result<Vec<Option<Vec<f32>>>> {
+    /// Run one step, writing the runs' keys and values into `pool`.
+    pub fn forward(&self, step: &Step, pool: &mut KvPool) -> Result<StepLogits> {
         let w = &self.weights;
         let c = &w.config;
         let hidden = c.hidden;
-        let mut ids = Vec::new();
-        // Per flattened row: its run and its position in that run's sequence.
-        let mut rows: Vec<(usize, usize)> = Vec::new();
-        for (ri, r) in runs.iter().enumerate() {
-            ids.extend_from_slice(r.tokens);
-            rows.extend((0..r.tokens.len()).map(|j| (ri, r.start + j)));
-        }
-        let t = ids.len();
+        let (rows, slots, runs) = (&step.rows, &step.slots, step.runs);
+        let t = step.ids.len();
         let mut x = vec![0f32; t * hidden];
-        for (row, &id) in x.chunks_exact_mut(hidden).zip(&ids) {
+        for (row, &id) in x.chunks_exact_mut(hidden).zip(&step.ids) {
             let id = id as usize;
-            if id >= c.vocab {
-                candle_core::bail!("token {id} is outside the vocabulary of {}", c.vocab);
-            }
             for (x, e) in row.iter_mut().zip(&w.embed[id * hidden..(id + 1) * hidden]) {
                 *x = e.to_f32();
             }
         }
-        let slots: Vec<usize> = rows
-            .iter()
-            .map(|&(ri, pos)| slot(runs[ri].table, pos))
-            .collect();
         let mut h = vec![0f32; t * hidden];
 
         for (li, layer) in w.layers.iter().enumerate() {
@@ -97,14 +93,14 @@ impl Model {
                 rms_norm_in_place(&mut q, qn, c.rms_eps);
                 rms_norm_in_place(&mut k, kn, c.rms_eps);
             }
-            self.rope(&mut q, c.heads, &rows);
-            self.rope(&mut k, c.kv_heads, &rows);
+            self.rope(&mut q, c.heads, rows);
+            self.rope(&mut k, c.kv_heads, rows);
             let sw = pool.slot_width;
             for (row, &s) in slots.iter().enumerate() {
                 pool.k[li][s * sw..(s + 1) * sw].copy_from_slice(&k[row * sw..(row + 1) * sw]);
                 pool.v[li][s * sw..(s + 1) * sw].copy_from_slice(&v[row * sw..(row + 1) * sw]);
             }
-            let attn = attention(c, &q, &rows, runs, &pool.k[li], &pool.v[li], sw);
+            let attn = attention(c, &q, rows, runs, &pool.k[li], &pool.v[li], sw);
             add_in_place(&mut x, &layer.o.forward(&attn)?);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
             let mut gate_up = layer.gate_up.forward(&h)?.into_iter();
@@ -115,29 +111,17 @@ impl Model {
             add_in_place(&mut x, &layer.down.forward(&gate)?);
         }
 
-        let mut last = Vec::new();
-        let mut row = 0;
-        for r in runs {
-            row += r.tokens.len();
-            if r.wants_logits {
-                last.extend_from_slice(&x[(row - 1) * hidden..row * hidden]);
-            }
+        if step.logit_rows.is_empty() {
+            return Ok(step.per_run(std::iter::empty()));
         }
-        if last.is_empty() {
-            return Ok(runs.iter().map(|_| None).collect());
+        let mut last = Vec::with_capacity(step.logit_rows.len() * hidden);
+        for &row in &step.logit_rows {
+            last.extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
         }
         let mut normed = vec![0f32; last.len()];
         rms_norm(&last, &w.norm, c.rms_eps, &mut normed);
         let logits = w.lm_head.forward(&normed)?;
-        let mut per_row = logits.chunks_exact(w.lm_head.n);
-        Ok(runs
-            .iter()
-            .map(|r| {
-                r.wants_logits
-                    .then(|| per_row.next().map(<[f32]>::to_vec))
-                    .flatten()
-            })
-            .collect())
+        Ok(step.per_run(logits.chunks_exact(w.lm_head.n).map(<[f32]>::to_vec)))
     }
 
     /// Rotary embedding in place on `[rows, heads, head_dim]`, each row at its own position.
@@ -226,6 +210,7 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 pub(crate) mod batch_tests {
     use super::*;
     use crate::engine::native::kv_cache::BLOCK_SIZE;
+    use crate::engine::native::step::Run;
 
     /// The tiny generated Qwen3's weights.
     pub(crate) fn tiny_weights() -> Weights {
@@ -234,11 +219,11 @@ pub(crate) mod batch_tests {
         Weights::from_safetensors_dir(dir.path(), None).unwrap()
     }
 
-    fn model() -> Model {
-        Model::new(tiny_weights())
+    fn model() -> HostModel {
+        HostModel::new(tiny_weights())
     }
 
-    fn pool(m: &Model) -> KvPool {
+    fn pool(m: &HostModel) -> KvPool {
         let c = m.config();
         KvPool::new(c.layers, c.kv_heads, c.head_dim, 64)
     }
@@ -260,7 +245,7 @@ pub(crate) mod batch_tests {
             .fold(0.0, f32::max)
     }
 
-    fn alone(m: &Model, toks: &[u32]) -> Vec<f32> {
+    fn alone(m: &HostModel, toks: &[u32]) -> Vec<f32> {
         let mut p = pool(m);
         let t = table(0, toks.len());
         let run = Run {
@@ -269,7 +254,10 @@ pub(crate) mod batch_tests {
             table: &t,
             wants_logits: true,
         };
-        m.forward(&[run], &mut p).unwrap().remove(0).unwrap()
+        m.forward(&Step::new(&[run]), &mut p)
+            .unwrap()
+            .remove(0)
+            .unwrap()
     }
 
     #[test]
@@ -283,7 +271,7 @@ pub(crate) mod batch_tests {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny_model::write(dir.path(), 7).unwrap();
         let w = Weights::from_safetensors_dir(dir.path(), None).unwrap();
-        let q = Model::new(
+        let q = HostModel::new(
             w.quantized(candle_core::quantized::GgmlDType::Q4_1)
                 .unwrap(),
         );
@@ -306,8 +294,8 @@ pub(crate) mod batch_tests {
         let (dense_bytes, q8_bytes) = (dense.resident_bytes(), q8.resident_bytes());
         let toks = tokens(6, 29);
         let (want, got) = (
-            alone(&Model::new(dense), &toks),
-            alone(&Model::new(q8), &toks),
+            alone(&HostModel::new(dense), &toks),
+            alone(&HostModel::new(q8), &toks),
         );
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
@@ -324,7 +312,7 @@ pub(crate) mod batch_tests {
         );
     }
 
-    fn ragged_batch(m: &Model, check: impl Fn(&[f32], &[f32])) {
+    fn ragged_batch(m: &HostModel, check: impl Fn(&[f32], &[f32])) {
         let seqs = [tokens(1, 20), tokens(2, 7), tokens(3, 33)];
         let expected: Vec<Vec<f32>> = seqs.iter().map(|s| alone(m, s)).collect();
         let mut p = pool(m);
@@ -339,7 +327,7 @@ pub(crate) mod batch_tests {
                 wants_logits: true,
             })
             .collect();
-        let got = m.forward(&runs, &mut p).unwrap();
+        let got = m.forward(&Step::new(&runs), &mut p).unwrap();
         for (g, e) in got.iter().zip(&expected) {
             check(g.as_ref().unwrap(), e);
         }
@@ -360,19 +348,19 @@ pub(crate) mod batch_tests {
         // Step 1: first 17 tokens of a (no logits needed mid-prefill).
         let r = m
             .forward(
-                &[Run {
+                &Step::new(&[Run {
                     tokens: &a[..17],
                     start: 0,
                     table: &ta,
                     wants_logits: false,
-                }],
+                }]),
                 &mut p,
             )
             .unwrap();
         assert!(r[0].is_none());
         // Step 2: the rest of a beside the first 11 tokens of b.
         m.forward(
-            &[
+            &Step::new(&[
                 Run {
                     tokens: &a[17..39],
                     start: 17,
@@ -385,14 +373,14 @@ pub(crate) mod batch_tests {
                     table: &tb,
                     wants_logits: false,
                 },
-            ],
+            ]),
             &mut p,
         )
         .unwrap();
         // Step 3: the last token of each, as a decode step.
         let got = m
             .forward(
-                &[
+                &Step::new(&[
                     Run {
                         tokens: &a[39..],
                         start: 39,
@@ -405,7 +393,7 @@ pub(crate) mod batch_tests {
                         table: &tb,
                         wants_logits: true,
                     },
-                ],
+                ]),
                 &mut p,
             )
             .unwrap();
