@@ -97,24 +97,24 @@ pub struct ExtractorArgs {
     pub quantize: Option<Quantize>,
 
     /// Native engine: memory for the KV block pool, in MiB (pages are touched only when used).
-    #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = 2048, value_parser = megabytes)]
+    #[arg(long, env = "MEMEX_KV_CACHE_MB", default_value_t = NativeOptions::default().kv_cache_bytes >> 20, value_parser = megabytes)]
     pub kv_cache_mb: usize,
 
     /// Native engine: reuse the KV blocks of prompt prefixes already computed (the branch
     /// templates), so a request computes only what differs from earlier ones.
-    #[arg(long, env = "MEMEX_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "MEMEX_PREFIX_CACHE", default_value_t = NativeOptions::default().prefix_cache, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
 
     /// Native engine: most tokens one step runs (decode tokens plus prefill chunks).
-    #[arg(long, env = "MEMEX_STEP_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "MEMEX_STEP_TOKENS", default_value_t = NativeOptions::default().step_tokens)]
     pub step_tokens: usize,
 
     /// Most input tokens (all message contents, served model's tokenizer) a request may carry.
-    #[arg(long, env = "MEMEX_MAX_INPUT_TOKENS", default_value_t = 8000)]
+    #[arg(long, env = "MEMEX_MAX_INPUT_TOKENS", default_value_t = PipelineConfig::default().max_input_tokens)]
     pub max_input_tokens: usize,
 
     /// Largest request body accepted, in bytes.
-    #[arg(long, env = "MEMEX_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "MEMEX_MAX_BODY_BYTES", default_value_t = HttpConfig::default().max_body_bytes)]
     pub max_body_bytes: usize,
 
     /// Most items one branch returns (memories, or preferences of one kind).
@@ -145,15 +145,15 @@ pub struct ExtractorArgs {
     pub templates: Option<PathBuf>,
 
     /// Most sequences the engine runs at once.
-    #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = 32)]
+    #[arg(long, env = "MEMEX_MAX_NUM_SEQS", default_value_t = NativeOptions::default().max_running)]
     pub max_num_seqs: usize,
 
     /// DRY repetition penalty multiplier applied inside JSON strings (0 turns it off).
-    #[arg(long, env = "MEMEX_REPETITION_GUARD", default_value_t = 0.8)]
+    #[arg(long, env = "MEMEX_REPETITION_GUARD", default_value_t = NativeOptions::default().repetition_guard)]
     pub repetition_guard: f32,
 
     /// Fraction of GPU memory given to the PagedAttention KV cache (CUDA builds).
-    #[arg(long, env = "MEMEX_GPU_MEMORY_FRACTION", default_value_t = 0.85)]
+    #[arg(long, env = "MEMEX_GPU_MEMORY_FRACTION", default_value_t = MistralOptions::default().gpu_memory_fraction)]
     pub gpu_memory_fraction: f32,
 
     /// Fault injection for tests of a dying engine: the native engine's thread panics when it
@@ -254,19 +254,19 @@ pub struct ServeArgs {
 
     /// Longest a request head may take to arrive, from its first byte, in seconds; then the
     /// connection is closed.
-    #[arg(long, env = "MEMEX_HEADER_READ_TIMEOUT", default_value_t = 10.0, value_parser = positive_seconds)]
+    #[arg(long, env = "MEMEX_HEADER_READ_TIMEOUT", default_value_t = ConnectionConfig::default().header_read_timeout.as_secs_f64(), value_parser = positive_seconds)]
     pub header_read_timeout: f64,
 
     /// Longest the whole request body may take to arrive, in seconds; then 408.
-    #[arg(long, env = "MEMEX_BODY_READ_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
+    #[arg(long, env = "MEMEX_BODY_READ_TIMEOUT", default_value_t = HttpConfig::default().body_read_timeout.as_secs_f64(), value_parser = positive_seconds)]
     pub body_read_timeout: f64,
 
     /// Longest a keep-alive connection may wait for its next request, in seconds.
-    #[arg(long, env = "MEMEX_IDLE_TIMEOUT", default_value_t = 75.0, value_parser = positive_seconds)]
+    #[arg(long, env = "MEMEX_IDLE_TIMEOUT", default_value_t = ConnectionConfig::default().idle_timeout.as_secs_f64(), value_parser = positive_seconds)]
     pub idle_timeout: f64,
 
     /// Most connections open at once (API and metrics port each); beyond, a 503 and a close.
-    #[arg(long, env = "MEMEX_MAX_CONNECTIONS", default_value_t = 512,
+    #[arg(long, env = "MEMEX_MAX_CONNECTIONS", default_value_t = ConnectionConfig::default().max_connections as u32,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 

@@ -136,7 +136,7 @@ async fn handle(
     let metrics = state.metrics();
     let generating = std::sync::atomic::AtomicBool::new(false);
     if let Some(stats) = extractor.engine().stats() {
-        admission.observe_engine(stats.step_tokens, stats.step_seconds);
+        admission.observe_engine(stats.step_tokens, stats.step_seconds());
     }
     let generate = async {
         let permit = admission.admit(work, deadline).await?;

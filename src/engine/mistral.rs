@@ -52,9 +52,11 @@ pub struct MistralOptions {
 
 impl Default for MistralOptions {
     fn default() -> Self {
+        // The knobs both engines share default alike.
+        let native = super::native::NativeOptions::default();
         Self {
-            repetition_guard: 0.8,
-            max_num_seqs: 32,
+            repetition_guard: native.repetition_guard,
+            max_num_seqs: native.max_running,
             gpu_memory_fraction: 0.85,
         }
     }

@@ -12,6 +12,9 @@
 pub mod mistral;
 pub mod model_source;
 pub mod native;
+pub mod stats;
+
+pub use stats::{EngineCounters, EngineStats};
 
 use std::time::Duration;
 
@@ -187,23 +190,4 @@ pub trait Engine: Send + Sync + 'static {
     fn stats(&self) -> Option<EngineStats> {
         None
     }
-}
-
-/// A snapshot of an engine's step counters. Counters only grow; gauges are current values.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EngineStats {
-    pub steps: u64,
-    /// Sequences summed over steps: divided by `steps`, the mean batch.
-    pub step_sequences: u64,
-    /// Tokens (prefill chunks and decode tokens) summed over steps.
-    pub step_tokens: u64,
-    pub step_seconds: f64,
-    pub running: u64,
-    pub waiting: u64,
-    pub kv_blocks_used: u64,
-    pub kv_blocks_total: u64,
-    /// Admissions that reused cached prefix blocks, and the prompt tokens they skipped.
-    pub prefix_hits: u64,
-    pub prefix_hit_tokens: u64,
-    pub preemptions: u64,
 }

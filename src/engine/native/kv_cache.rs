@@ -76,8 +76,6 @@ pub struct BlockManager {
     evictable: VecDeque<u32>,
     /// Off: no block is registered or matched (every prompt is computed in full).
     prefix_cache: bool,
-    pub prefix_hits: u64,
-    pub prefix_hit_tokens: u64,
 }
 
 impl BlockManager {
@@ -90,8 +88,6 @@ impl BlockManager {
             cached: HashMap::new(),
             evictable: VecDeque::new(),
             prefix_cache,
-            prefix_hits: 0,
-            prefix_hit_tokens: 0,
         }
     }
 
@@ -145,15 +141,6 @@ impl BlockManager {
                 self.cached.contains_key(&h)
             })
             .count()
-    }
-
-    /// Count an admitted prompt's reused blocks (counted at admission only, so a prompt that
-    /// waits several steps is not counted once per step).
-    pub fn record_hit(&mut self, blocks: usize) {
-        if blocks > 0 {
-            self.prefix_hits += 1;
-            self.prefix_hit_tokens += (blocks * BLOCK_SIZE) as u64;
-        }
     }
 
     pub fn prefix_cache(&self) -> bool {
@@ -300,6 +287,5 @@ mod tests {
             shared.is_empty(),
             "a registered block was found with the cache off"
         );
-        assert_eq!(m.prefix_hits, 0);
     }
 }

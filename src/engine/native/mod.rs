@@ -13,7 +13,6 @@
 //! - `tensor_model`: the same step as candle tensor ops on a device (the GPU path), over a KV
 //!   pool of device tensors with the same block tables;
 //! - `kv_cache`: the KV block pool, block manager and prefix cache;
-//! - `stats`: step counters for metrics;
 //! - `sequence`: a generation in flight, with its llguidance matcher;
 //! - `tokenizer`: the tokenizer and chat template (rebuilt from GGUF metadata when needed);
 //! - `bpe`: our byte-level BPE encoder, the same ids as `tokenizers` several times faster.
@@ -31,7 +30,6 @@ mod math;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
-pub mod stats;
 pub mod step;
 pub mod tensor_model;
 pub mod tokenizer;
@@ -48,15 +46,14 @@ use llguidance::{Matcher, ParserFactory};
 use tokio::sync::oneshot;
 
 use super::{
-    Engine, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo, ModelSource,
-    PromptMessage,
+    Engine, EngineCounters, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo,
+    ModelSource, PromptMessage,
 };
 use host_model::{HostModel, HostPass};
 use kv_cache::{BlockManager, KvPool, BLOCK_SIZE};
 use sampler::Dry;
 use scheduler::Scheduler;
 use sequence::{Finished, Sequence};
-use stats::NativeStats;
 use std::sync::atomic::Ordering::Relaxed;
 use step::ForwardPass;
 use tokenizer::{ChatTemplate, Encoder};
@@ -79,7 +76,7 @@ pub struct NativeOptions {
     /// default (`q8_0` on the CPU, the checkpoint's own precision on a GPU).
     pub quantize: Option<Quantize>,
     /// Counters the step loop updates, read by `/metrics`.
-    pub stats: Arc<NativeStats>,
+    pub stats: Arc<EngineCounters>,
     /// Fault injection for tests of a dying engine: the engine thread panics when it takes
     /// this many-th submission (the warm-up is the first). `None` in normal operation.
     pub panic_at_submission: Option<u64>,
@@ -164,7 +161,7 @@ pub struct NativeEngine {
     factory: Arc<ParserFactory>,
     max_positions: usize,
     info: ModelInfo,
-    stats: Arc<NativeStats>,
+    stats: Arc<EngineCounters>,
     /// Set when the engine thread has ended (a panic in a step): nothing will be answered.
     failure: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -407,13 +404,13 @@ fn engine_loop(
     eos: Vec<u32>,
     dry: Option<Dry>,
 ) {
+    let stats = opts.stats.clone();
     let mut sched = Scheduler::new(
         opts.max_running,
         opts.step_tokens,
         BlockManager::new(blocks, opts.prefix_cache),
+        stats.clone(),
     );
-    let stats = opts.stats.clone();
-    stats.kv_blocks_total.store(blocks as u64, Relaxed);
     let mut submissions = 0u64;
     let mut take = |s: Submission| {
         submissions += 1;
@@ -442,7 +439,7 @@ fn engine_loop(
         sched.drop_finished();
         let step_started = Instant::now();
         let planned = sched.plan();
-        stats.record_queue(&sched);
+        sched.publish();
         if planned == 0 {
             if !sched.is_idle() {
                 // Nothing fits and nothing runs: cannot happen with a non-empty pool, but never
@@ -463,7 +460,12 @@ fn engine_loop(
                 continue;
             }
         }
-        stats.record_step(batch, planned, step_started.elapsed(), &sched);
+        stats.steps.fetch_add(1, Relaxed);
+        stats.step_sequences.fetch_add(batch as u64, Relaxed);
+        stats.step_tokens.fetch_add(planned as u64, Relaxed);
+        let took = step_started.elapsed().as_micros() as u64;
+        stats.step_micros.fetch_add(took, Relaxed);
+        sched.publish();
     }
 }
 

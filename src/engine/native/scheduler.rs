@@ -16,13 +16,15 @@
 //! the oldest, means the oldest always progress: no thrashing.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::kv_cache::{BlockManager, BLOCK_SIZE};
 use super::sequence::Sequence;
 use super::step::{Run, StepLogits};
-use crate::engine::EngineError;
+use crate::engine::{EngineCounters, EngineError};
 
 /// Blocks kept free at admission so running sequences can grow for a while without preemption.
 const WATERMARK_FRACTION: f64 = 0.01;
@@ -34,19 +36,36 @@ pub struct Scheduler {
     pub blocks: BlockManager,
     max_running: usize,
     step_tokens: usize,
-    pub preemptions: u64,
+    counters: Arc<EngineCounters>,
 }
 
 impl Scheduler {
-    pub fn new(max_running: usize, step_tokens: usize, blocks: BlockManager) -> Self {
+    /// Admissions, prefix-cache hits and preemptions are counted into `counters`.
+    pub fn new(
+        max_running: usize,
+        step_tokens: usize,
+        blocks: BlockManager,
+        counters: Arc<EngineCounters>,
+    ) -> Self {
+        counters
+            .kv_blocks_total
+            .store(blocks.total() as u64, Relaxed);
         Self {
             waiting: VecDeque::new(),
             running: Vec::new(),
             blocks,
             max_running: max_running.max(1),
             step_tokens: step_tokens.max(1),
-            preemptions: 0,
+            counters,
         }
+    }
+
+    /// Publish the queue and pool gauges.
+    pub fn publish(&self) {
+        let c = &self.counters;
+        c.running.store(self.running.len() as u64, Relaxed);
+        c.waiting.store(self.waiting.len() as u64, Relaxed);
+        c.kv_blocks_used.store(self.blocks.used() as u64, Relaxed);
     }
 
     pub fn is_idle(&self) -> bool {
@@ -55,14 +74,6 @@ impl Scheduler {
 
     pub fn add(&mut self, seq: Sequence) {
         self.waiting.push_back(seq);
-    }
-
-    pub fn running(&self) -> usize {
-        self.running.len()
-    }
-
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
     }
 
     /// The planned step: one run per scheduled sequence, in admission order.
@@ -257,7 +268,14 @@ impl Scheduler {
                 continue;
             }
             let mut s = self.waiting.remove(i).expect("index is in range");
-            self.blocks.record_hit(hashes.len());
+            // Counted at admission only, so a prompt that waits several steps counts once.
+            if !hashes.is_empty() {
+                self.counters.prefix_hits.fetch_add(1, Relaxed);
+                let tokens = hashes.len() * BLOCK_SIZE;
+                self.counters
+                    .prefix_hit_tokens
+                    .fetch_add(tokens as u64, Relaxed);
+            }
             s.computed = hashes.len() * BLOCK_SIZE;
             if s.cached_prompt_tokens == 0 {
                 s.cached_prompt_tokens = s.computed.min(s.prompt_len);
@@ -293,7 +311,7 @@ impl Scheduler {
             victim.free_blocks(&mut self.blocks);
             victim.scheduled = 0;
             self.waiting.push_front(victim);
-            self.preemptions += 1;
+            self.counters.preemptions.fetch_add(1, Relaxed);
             if newest == i {
                 return Growth::Preempted;
             }
@@ -337,7 +355,8 @@ mod tests {
 
     /// The three prompts queued, and the first step planned.
     fn planned(prefix_cache: bool) -> Scheduler {
-        let mut s = Scheduler::new(8, 512, BlockManager::new(64, prefix_cache));
+        let blocks = BlockManager::new(64, prefix_cache);
+        let mut s = Scheduler::new(8, 512, blocks, Arc::default());
         for p in prompts() {
             s.add(seq(p));
         }
@@ -360,7 +379,7 @@ mod tests {
         assert_eq!(second.tokens[4 * BLOCK_SIZE], 2000);
         assert_eq!(second.cached_prompt_tokens, 4 * BLOCK_SIZE);
         assert_eq!(second.scheduled, 20, "only its own tail is computed");
-        assert_eq!(s.blocks.prefix_hits, 1);
+        assert_eq!(s.counters.prefix_hits.load(Relaxed), 1);
     }
 
     #[test]
