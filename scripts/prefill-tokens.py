@@ -18,6 +18,18 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def demo_limits():
+    """scripts/demo-limits.env as `memex serve` flags: MEMEX_MAX_TEXT_CHARS=120 -> --max-text-chars 120."""
+    flags = []
+    with open(os.path.join(ROOT, "scripts", "demo-limits.env")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                name, value = line.split("=", 1)
+                flags += ["--" + name.removeprefix("MEMEX_").lower().replace("_", "-"), value]
+    return flags
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default="/var/tmp/memex-target/release/memex")
@@ -29,8 +41,7 @@ def main():
     args = ap.parse_args()
     server = subprocess.Popen(
         [args.binary, "serve", "--model", args.model, "--no-auth", "--port", args.port,
-         "--max-items", "3", "--max-text-chars", "120", "--max-label-chars", "24", "--max-tags", "3",
-         "--max-input-tokens", "4000", *(["--request-timeout", "900"] if args.deadline_flag else [])],
+         *demo_limits(), *(["--request-timeout", "900"] if args.deadline_flag else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{args.port}"
     try:

@@ -12,13 +12,11 @@ if [[ -z "${MEMEX_API_KEYS:-}${MEMEX_API_KEY:-}${MEMEX_NO_AUTH:-}" ]] \
   export MEMEX_API_KEY=demo
   echo "serve-demo: API key 'demo' (send 'Authorization: Token demo')" >&2
 fi
-# SmolLM2's context is 8,192 tokens: the default output limits allow answers (about 9,800 tokens
-# in the worst case) that it cannot hold, and memex refuses to start with limits the model cannot
-# serve. These fit, leaving about 2,100 tokens of dialogue (memex lowers --max-input-tokens to that
-# at start, with a warning: the system prompt holds every task's rules); flags or MEMEX_* variables override.
-export MEMEX_MAX_ITEMS="${MEMEX_MAX_ITEMS:-3}" MEMEX_MAX_TEXT_CHARS="${MEMEX_MAX_TEXT_CHARS:-120}"
-export MEMEX_MAX_LABEL_CHARS="${MEMEX_MAX_LABEL_CHARS:-24}" MEMEX_MAX_TAGS="${MEMEX_MAX_TAGS:-3}"
-export MEMEX_MAX_INPUT_TOKENS="${MEMEX_MAX_INPUT_TOKENS:-4000}"
+# SmolLM2's context is 8,192 tokens: output and input bounds that fit it (scripts/demo-limits.env);
+# flags or MEMEX_* variables already set override them.
+while IFS='=' read -r name value; do
+  [[ -z "$name" || "$name" == \#* || -n "${!name:-}" ]] || export "$name=$value"
+done < scripts/demo-limits.env
 # Same target dir as the tests and CI: one build serves all three.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/memex-target}"
 exec cargo run --locked --bin memex -- serve \

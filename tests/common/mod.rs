@@ -1,4 +1,4 @@
-//! Shared test servers: real memex (mistralrs engine) on the tiny random Qwen3 that
+//! Shared test servers: real memex (the native engine) on the tiny random Qwen3 that
 //! `memex::tiny_model` writes into a temp dir. Each runs on its own thread and runtime so that it
 //! outlives each `#[tokio::test]`'s runtime. [`server`] is the one default server of a test
 //! binary; [`spawn`] starts one with its own flags.
