@@ -20,7 +20,7 @@ use super::weights::Config;
 /// row, and one task per row would leave all but one core idle while it reads the whole context.
 /// Each task returns a partial softmax (its max, sum and weighted values) and the partials of a
 /// (row, kv head) are merged exactly, as in flash-decoding.
-pub fn attention(
+pub(crate) fn attention(
     c: &Config,
     q: &[f32],
     rows: &[(usize, usize)],
@@ -175,7 +175,7 @@ mod avx {
 
     /// Eight keys at a time, each with its own accumulator, so the FMAs do not wait on each
     /// other; the eight sums come out of one transpose-and-add.
-    pub unsafe fn key_scores(
+    pub(crate) unsafe fn key_scores(
         q: &[f32],
         pool: &[f32],
         offsets: &[usize],
@@ -227,7 +227,12 @@ mod avx {
 
     /// 32 output values at a time held in registers over all positions, even and odd positions
     /// in separate accumulators (eight independent FMA chains).
-    pub unsafe fn weighted_values(w: &[f32], pool: &[f32], offsets: &[usize], out: &mut [f32]) {
+    pub(crate) unsafe fn weighted_values(
+        w: &[f32],
+        pool: &[f32],
+        offsets: &[usize],
+        out: &mut [f32],
+    ) {
         let d = out.len();
         let base = pool.as_ptr();
         let mut c = 0;
@@ -316,7 +321,6 @@ mod tests {
     fn split_attention_matches_naive(d: usize) {
         let (heads, kv_heads) = (6, 2);
         let c = Config {
-            arch: super::super::weights::Arch::Qwen3,
             hidden: heads * d,
             layers: 1,
             heads,

@@ -17,8 +17,8 @@ use super::math::silu_mul;
 use super::step::{ForwardPass, Step, StepLogits};
 use super::weights::{Config, Weights};
 
-pub struct HostModel {
-    pub weights: Weights,
+pub(crate) struct HostModel {
+    pub(crate) weights: Weights,
     /// `[position][head_dim / 2]` rotary tables.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -26,9 +26,9 @@ pub struct HostModel {
 }
 
 /// The host model with its KV pool: what the engine runs on `--native-device cpu`.
-pub struct HostPass {
-    pub model: HostModel,
-    pub pool: KvPool,
+pub(crate) struct HostPass {
+    pub(crate) model: HostModel,
+    pub(crate) pool: KvPool,
 }
 
 impl ForwardPass for HostPass {
@@ -49,7 +49,7 @@ impl ForwardPass for HostPass {
 const MAX_ROPE_POSITIONS: usize = 65_536;
 
 impl HostModel {
-    pub fn new(weights: Weights) -> Self {
+    pub(crate) fn new(weights: Weights) -> Self {
         let (cos, sin, positions) = rope_tables(&weights.config);
         Self {
             cos,
@@ -59,16 +59,16 @@ impl HostModel {
         }
     }
 
-    pub fn config(&self) -> &Config {
+    pub(crate) fn config(&self) -> &Config {
         &self.weights.config
     }
 
-    pub fn max_positions(&self) -> usize {
+    pub(crate) fn max_positions(&self) -> usize {
         self.positions
     }
 
     /// Run one step, writing the runs' keys and values into `pool`.
-    pub fn forward(&self, step: &Step, pool: &mut KvPool) -> Result<StepLogits> {
+    pub(crate) fn forward(&self, step: &Step, pool: &mut KvPool) -> Result<StepLogits> {
         let w = &self.weights;
         let c = &w.config;
         let hidden = c.hidden;
@@ -153,7 +153,7 @@ impl HostModel {
 
 /// The rotary tables, `[position][head_dim / 2]` cos and sin, and how many positions they cover
 /// (computed in f64, so both forward paths rotate by exactly the same values).
-pub fn rope_tables(c: &Config) -> (Vec<f32>, Vec<f32>, usize) {
+pub(crate) fn rope_tables(c: &Config) -> (Vec<f32>, Vec<f32>, usize) {
     let positions = c.max_positions.min(MAX_ROPE_POSITIONS);
     let half = c.head_dim / 2;
     let inv: Vec<f64> = (0..half)

@@ -16,21 +16,21 @@ use std::collections::{HashMap, VecDeque};
 
 /// Positions per block. Small enough that a prompt wastes little in its last block, large enough
 /// that the tables and hashes stay cheap.
-pub const BLOCK_SIZE: usize = 16;
+pub(crate) const BLOCK_SIZE: usize = 16;
 
 /// The pool's memory: per layer, keys and values laid out `[slot][kv_head][head_dim]`, where
 /// `slot = block * BLOCK_SIZE + offset`. A token's keys for all heads are adjacent, so writing a
 /// step's new keys is one copy per token, and attention reads each position's head as one run of
 /// `head_dim` floats.
-pub struct KvPool {
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+pub(crate) struct KvPool {
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
     /// Floats per slot: `kv_heads * head_dim`.
-    pub slot_width: usize,
+    pub(crate) slot_width: usize,
 }
 
 impl KvPool {
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, blocks: usize) -> Self {
+    pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize, blocks: usize) -> Self {
         let slot_width = kv_heads * head_dim;
         let len = blocks * BLOCK_SIZE * slot_width;
         Self {
@@ -42,14 +42,14 @@ impl KvPool {
 }
 
 /// Where logical position `pos` of a sequence lives in the pool.
-pub fn slot(table: &[u32], pos: usize) -> usize {
+pub(crate) fn slot(table: &[u32], pos: usize) -> usize {
     table[pos / BLOCK_SIZE] as usize * BLOCK_SIZE + pos % BLOCK_SIZE
 }
 
-pub type BlockHash = u64;
+pub(crate) type BlockHash = u64;
 
 /// Hash of a full block, chained on its parent so equal blocks at different prefixes differ.
-pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+pub(crate) fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
     // FNV-1a over the parent hash and the tokens: deterministic across runs, no allocation.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |x: u64| {
@@ -65,7 +65,7 @@ pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
     h
 }
 
-pub struct BlockManager {
+pub(crate) struct BlockManager {
     total: usize,
     free: Vec<u32>,
     refs: Vec<u32>,
@@ -79,7 +79,7 @@ pub struct BlockManager {
 }
 
 impl BlockManager {
-    pub fn new(blocks: usize, prefix_cache: bool) -> Self {
+    pub(crate) fn new(blocks: usize, prefix_cache: bool) -> Self {
         Self {
             total: blocks,
             free: (0..blocks as u32).rev().collect(),
@@ -91,27 +91,31 @@ impl BlockManager {
         }
     }
 
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.total
     }
 
     /// Blocks that can be handed out now (free, or cached but unheld).
-    pub fn available(&self) -> usize {
+    pub(crate) fn available(&self) -> usize {
         self.free.len() + self.evictable.len()
     }
 
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.total - self.available()
     }
 
     /// Blocks needed to hold `positions` positions.
-    pub fn blocks_for(positions: usize) -> usize {
+    pub(crate) fn blocks_for(positions: usize) -> usize {
         positions.div_ceil(BLOCK_SIZE)
     }
 
     /// The leading full blocks of `tokens` already in the cache, held for the caller. At most
     /// `limit` tokens' worth are matched (the caller keeps at least one token to compute).
-    pub fn match_prefix(&mut self, tokens: &[u32], limit: usize) -> (Vec<u32>, Vec<BlockHash>) {
+    pub(crate) fn match_prefix(
+        &mut self,
+        tokens: &[u32],
+        limit: usize,
+    ) -> (Vec<u32>, Vec<BlockHash>) {
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
         let mut parent = None;
@@ -130,7 +134,7 @@ impl BlockManager {
     }
 
     /// How many leading full blocks of `tokens` [`Self::match_prefix`] would find, holding none.
-    pub fn peek_prefix(&self, tokens: &[u32], limit: usize) -> usize {
+    pub(crate) fn peek_prefix(&self, tokens: &[u32], limit: usize) -> usize {
         let limit = if self.prefix_cache { limit } else { 0 };
         let mut parent = None;
         tokens[..limit.min(tokens.len())]
@@ -143,7 +147,7 @@ impl BlockManager {
             .count()
     }
 
-    pub fn prefix_cache(&self) -> bool {
+    pub(crate) fn prefix_cache(&self) -> bool {
         self.prefix_cache
     }
 
@@ -155,7 +159,7 @@ impl BlockManager {
     }
 
     /// One fresh block, or `None` when the pool is exhausted.
-    pub fn allocate(&mut self) -> Option<u32> {
+    pub(crate) fn allocate(&mut self) -> Option<u32> {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
@@ -173,7 +177,7 @@ impl BlockManager {
     }
 
     /// Record that block `b` is full with content hashed `h`, so later prompts can reuse it.
-    pub fn register(&mut self, b: u32, h: BlockHash) {
+    pub(crate) fn register(&mut self, b: u32, h: BlockHash) {
         if !self.prefix_cache || self.hash_of[b as usize].is_some() {
             return;
         }
@@ -185,7 +189,7 @@ impl BlockManager {
     }
 
     /// Give back a sequence's blocks. Registered ones stay findable until reused.
-    pub fn release(&mut self, table: &[u32]) {
+    pub(crate) fn release(&mut self, table: &[u32]) {
         for &b in table {
             let r = &mut self.refs[b as usize];
             debug_assert!(*r > 0, "block {b} released twice");

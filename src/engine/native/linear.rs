@@ -20,13 +20,13 @@ use rayon::prelude::*;
 /// Activation rows are quantized in blocks of this many values, as the weights are.
 const QK: usize = 32;
 
-pub struct Linear {
+pub(crate) struct Linear {
     weight: Weight,
     bias: Option<Vec<f32>>,
     /// Output features.
-    pub n: usize,
+    pub(crate) n: usize,
     /// Input features.
-    pub k: usize,
+    pub(crate) k: usize,
 }
 
 /// The block types our kernels run, each a `repr(C)` mirror of its GGUF layout: the `Weight`
@@ -100,7 +100,7 @@ native_blocks! {
 }
 
 impl Linear {
-    pub fn from_qtensor(t: &QTensor, bias: Option<Vec<f32>>) -> anyhow::Result<Self> {
+    pub(crate) fn from_qtensor(t: &QTensor, bias: Option<Vec<f32>>) -> anyhow::Result<Self> {
         let (n, k) = t.shape().dims2().context("a linear weight is 2-D")?;
         let bytes = t.data()?;
         let weight = match Weight::native(t.dtype(), &bytes, k)? {
@@ -117,7 +117,7 @@ impl Linear {
     }
 
     /// A dense `[n, k]` weight.
-    pub fn dense(w: Tensor, bias: Option<Vec<f32>>) -> anyhow::Result<Self> {
+    pub(crate) fn dense(w: Tensor, bias: Option<Vec<f32>>) -> anyhow::Result<Self> {
         let (n, k) = w.dims2()?;
         Self::check_bias(&bias, n)?;
         Ok(Self {
@@ -137,7 +137,7 @@ impl Linear {
 
     /// Several layers reading the same input as one (q/k/v; gate/up): one pass over the input,
     /// one parallel dispatch. `None` when their weight types differ.
-    pub fn fuse(parts: &[Linear]) -> Option<Linear> {
+    pub(crate) fn fuse(parts: &[Linear]) -> Option<Linear> {
         let k = parts[0].k;
         if parts.iter().any(|p| p.k != k) {
             return None;
@@ -174,7 +174,7 @@ impl Linear {
 
     /// This layer with its dense weight quantized to `dtype`: `--quantize` for safetensors
     /// checkpoints, and the tests' way to run the quantized kernels on the tiny model.
-    pub fn quantized(&self, dtype: GgmlDType) -> anyhow::Result<Linear> {
+    pub(crate) fn quantized(&self, dtype: GgmlDType) -> anyhow::Result<Linear> {
         let Weight::Dense(w) = &self.weight else {
             bail!("only a dense layer can be quantized");
         };
@@ -182,7 +182,7 @@ impl Linear {
     }
 
     /// Bytes the weight and bias hold in memory.
-    pub fn resident_bytes(&self) -> usize {
+    pub(crate) fn resident_bytes(&self) -> usize {
         let w = match &self.weight {
             Weight::Ggml(g) => g.raw().1.len(),
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
@@ -192,7 +192,7 @@ impl Linear {
     }
 
     /// `x` is `[m, k]` row-major; the result is `[m, n]`.
-    pub fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+    pub(crate) fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
         let m = x.len() / self.k;
         debug_assert_eq!(m * self.k, x.len());
         let mut y = match &self.weight {
@@ -218,14 +218,14 @@ impl Linear {
 
 /// A linear layer's weight as candle holds it, for the tensor path (`tensor_model`): GGUF blocks
 /// keep their bytes and type, dense weights stay a tensor.
-pub enum CandleWeight {
+pub(crate) enum CandleWeight {
     Quantized(QTensor),
     Dense(Tensor),
 }
 
 impl Linear {
     /// The weight and bias in candle's types on `dev` (the same bytes, so the same model).
-    pub fn to_candle(&self, dev: &Device) -> anyhow::Result<(CandleWeight, Option<&[f32]>)> {
+    pub(crate) fn to_candle(&self, dev: &Device) -> anyhow::Result<(CandleWeight, Option<&[f32]>)> {
         let q = |dtype: GgmlDType, bytes: &[u8]| -> anyhow::Result<CandleWeight> {
             Ok(CandleWeight::Quantized(
                 candle_core::quantized::ggml_file::qtensor_from_ggml(
@@ -253,7 +253,7 @@ impl Linear {
 
 /// Layers that read the same input (q/k/v; gate/up), run as one layer when their weight types
 /// allow it.
-pub struct Group {
+pub(crate) struct Group {
     widths: Vec<usize>,
     run: GroupRun,
 }
@@ -264,7 +264,7 @@ enum GroupRun {
 }
 
 impl Group {
-    pub fn new(parts: Vec<Linear>) -> Self {
+    pub(crate) fn new(parts: Vec<Linear>) -> Self {
         let widths = parts.iter().map(|p| p.n).collect();
         let run = match Linear::fuse(&parts) {
             Some(l) => GroupRun::Fused(l),
@@ -273,7 +273,8 @@ impl Group {
         Self { widths, run }
     }
 
-    pub fn quantized(&self, dtype: GgmlDType) -> anyhow::Result<Group> {
+    #[cfg(test)]
+    pub(crate) fn quantized(&self, dtype: GgmlDType) -> anyhow::Result<Group> {
         let run = match &self.run {
             GroupRun::Fused(l) => GroupRun::Fused(l.quantized(dtype)?),
             GroupRun::Separate(p) => GroupRun::Separate(
@@ -290,7 +291,7 @@ impl Group {
 
     /// The layers to run and the output width of each part: one fused layer whose output splits
     /// at `widths`, or one layer per part.
-    pub fn layers(&self) -> (&[usize], &[Linear]) {
+    pub(crate) fn layers(&self) -> (&[usize], &[Linear]) {
         match &self.run {
             GroupRun::Fused(l) => (&self.widths, std::slice::from_ref(l)),
             GroupRun::Separate(p) => (&self.widths, p),
@@ -298,12 +299,12 @@ impl Group {
     }
 
     /// Bytes the group's weights and biases hold in memory.
-    pub fn resident_bytes(&self) -> usize {
+    pub(crate) fn resident_bytes(&self) -> usize {
         self.layers().1.iter().map(Linear::resident_bytes).sum()
     }
 
     /// One `[m, n_i]` output per part.
-    pub fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
+    pub(crate) fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
         match &self.run {
             GroupRun::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
             GroupRun::Fused(l) => {
@@ -370,13 +371,13 @@ fn cast_blocks<B: Block>(bytes: &[u8]) -> anyhow::Result<Vec<B>> {
 /// Weight block layouts exactly as GGUF stores them (scales as f16 bits).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ4_0 {
+pub(crate) struct BlockQ4_0 {
     d: u16,
     qs: [u8; QK / 2],
 }
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ4_1 {
+pub(crate) struct BlockQ4_1 {
     d: u16,
     m: u16,
     qs: [u8; QK / 2],
@@ -384,14 +385,14 @@ pub struct BlockQ4_1 {
 /// Bit `i` of `qh` is the fifth bit of value `i`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ5_0 {
+pub(crate) struct BlockQ5_0 {
     d: u16,
     qh: [u8; 4],
     qs: [u8; QK / 2],
 }
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ5_1 {
+pub(crate) struct BlockQ5_1 {
     d: u16,
     m: u16,
     qh: [u8; 4],
@@ -399,7 +400,7 @@ pub struct BlockQ5_1 {
 }
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ8_0 {
+pub(crate) struct BlockQ8_0 {
     d: u16,
     qs: [i8; QK],
 }
@@ -407,7 +408,7 @@ pub struct BlockQ8_0 {
 /// is the low nibbles of `qs[32c..32c + 32]`, `2c + 1` their high nibbles.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ4K {
+pub(crate) struct BlockQ4K {
     d: u16,
     dmin: u16,
     scales: [u8; 12],
@@ -416,7 +417,7 @@ pub struct BlockQ4K {
 /// Q4_K plus a fifth bit: bit `s` of `qh[l]` belongs to value `l` of sub-block `s`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ5K {
+pub(crate) struct BlockQ5K {
     d: u16,
     dmin: u16,
     scales: [u8; 12],
@@ -428,7 +429,7 @@ pub struct BlockQ5K {
 /// high nibble as `t < 2`, and bits `2t..2t+2` of `qh[32h + l]`; one i8 scale per 16 values.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct BlockQ6K {
+pub(crate) struct BlockQ6K {
     ql: [u8; 128],
     qh: [u8; 64],
     scales: [i8; 16],
@@ -609,27 +610,27 @@ mod values {
     fn fifth(qh: &[u8; 4], i: usize) -> u8 {
         ((u32::from_le_bytes(*qh) >> i) & 1) as u8 * 16
     }
-    pub fn q4_0(b: &BlockQ4_0, out: &mut [f32]) {
+    pub(crate) fn q4_0(b: &BlockQ4_0, out: &mut [f32]) {
         for (o, q) in out.iter_mut().zip(nibbles(&b.qs)) {
             *o = f16(b.d) * (q as f32 - 8.0);
         }
     }
-    pub fn q4_1(b: &BlockQ4_1, out: &mut [f32]) {
+    pub(crate) fn q4_1(b: &BlockQ4_1, out: &mut [f32]) {
         for (o, q) in out.iter_mut().zip(nibbles(&b.qs)) {
             *o = f16(b.d) * q as f32 + f16(b.m);
         }
     }
-    pub fn q5_0(b: &BlockQ5_0, out: &mut [f32]) {
+    pub(crate) fn q5_0(b: &BlockQ5_0, out: &mut [f32]) {
         for (i, (o, q)) in out.iter_mut().zip(nibbles(&b.qs)).enumerate() {
             *o = f16(b.d) * ((q | fifth(&b.qh, i)) as f32 - 16.0);
         }
     }
-    pub fn q5_1(b: &BlockQ5_1, out: &mut [f32]) {
+    pub(crate) fn q5_1(b: &BlockQ5_1, out: &mut [f32]) {
         for (i, (o, q)) in out.iter_mut().zip(nibbles(&b.qs)).enumerate() {
             *o = f16(b.d) * (q | fifth(&b.qh, i)) as f32 + f16(b.m);
         }
     }
-    pub fn q8_0(b: &BlockQ8_0, out: &mut [f32]) {
+    pub(crate) fn q8_0(b: &BlockQ8_0, out: &mut [f32]) {
         for (o, &q) in out.iter_mut().zip(&b.qs) {
             *o = f16(b.d) * q as f32;
         }
@@ -642,7 +643,7 @@ mod values {
             }
         }
     }
-    pub fn q4k(b: &BlockQ4K, out: &mut [f32]) {
+    pub(crate) fn q4k(b: &BlockQ4K, out: &mut [f32]) {
         k4(
             b.d,
             b.dmin,
@@ -651,13 +652,13 @@ mod values {
             out,
         )
     }
-    pub fn q5k(b: &BlockQ5K, out: &mut [f32]) {
+    pub(crate) fn q5k(b: &BlockQ5K, out: &mut [f32]) {
         let q = |s: usize, l: usize| {
             ((b.qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0x0F) | (((b.qh[l] >> s) & 1) << 4)
         };
         k4(b.d, b.dmin, &b.scales, q, out)
     }
-    pub fn q6k(b: &BlockQ6K, out: &mut [f32]) {
+    pub(crate) fn q6k(b: &BlockQ6K, out: &mut [f32]) {
         for (i, o) in out.iter_mut().enumerate() {
             let (h, t, l) = (i / 128, (i % 128) / 32, i % 32);
             let low = b.ql[64 * h + 32 * (t % 2) + l] >> (4 * (t / 2)) & 0x0F;
@@ -776,7 +777,7 @@ mod avx {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    pub unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let d = f16(b.d);
@@ -785,7 +786,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             acc.unsigned(&x, i, f16(b.d), f16(b.m), nibbles(&b.qs));
@@ -793,7 +794,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let d = f16(b.d);
@@ -803,7 +804,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let q = _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh));
@@ -812,7 +813,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         for (i, b) in w.iter().enumerate() {
             let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
@@ -835,7 +836,7 @@ mod avx {
         acc.unsigned(x, i * 8 + s, d * sc as f32, -dmin * m as f32, q);
     }
 
-    pub unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         let mask = _mm256_set1_epi8(0x0F);
         for (i, b) in w.iter().enumerate() {
@@ -850,7 +851,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         let mask = _mm256_set1_epi8(0x0F);
         for (i, b) in w.iter().enumerate() {
@@ -870,7 +871,7 @@ mod avx {
         acc.finish()
     }
 
-    pub unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: [ActRow; R]) -> [f32; R] {
+    pub(crate) unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: [ActRow; R]) -> [f32; R] {
         let mut acc = Acc::<R>::new();
         let (mask4, mask2, m32) = (
             _mm256_set1_epi8(0x0F),

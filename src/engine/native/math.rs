@@ -98,7 +98,7 @@ mod avx {
     /// `e^x` per lane. Below -87.3 the result is the smallest normal instead of a subnormal or
     /// zero (harmless for softmax weights and SiLU); above 88.3 it is clamped to `e^88.3`.
     #[inline(always)]
-    pub unsafe fn exp(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp(x: __m256) -> __m256 {
         let x = _mm256_min_ps(
             _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
             _mm256_set1_ps(88.3),

@@ -21,19 +21,19 @@
 //! parallel, tokens the grammar forces are appended without sampling (they ride along in the next
 //! step's forward pass), and a sequence finishes the moment the grammar is complete.
 
-pub mod attention;
+mod attention;
 pub mod bpe;
-pub mod host_model;
-pub mod kv_cache;
-pub mod linear;
+mod host_model;
+mod kv_cache;
+mod linear;
 mod math;
-pub mod sampler;
-pub mod scheduler;
-pub mod sequence;
-pub mod step;
-pub mod tensor_model;
-pub mod tokenizer;
-pub mod weights;
+mod sampler;
+mod scheduler;
+mod sequence;
+mod step;
+mod tensor_model;
+pub(crate) mod tokenizer;
+mod weights;
 
 use std::sync::mpsc;
 use std::sync::Arc;

@@ -15,17 +15,21 @@ use llguidance::toktrie::SimpleVob;
 const MAX_MATCH: usize = 50;
 
 #[derive(Debug, Clone)]
-pub struct Dry {
-    pub multiplier: f32,
-    pub base: f32,
-    pub allowed_length: usize,
-    pub breakers: HashSet<u32>,
+pub(crate) struct Dry {
+    pub(crate) multiplier: f32,
+    pub(crate) base: f32,
+    pub(crate) allowed_length: usize,
+    pub(crate) breakers: HashSet<u32>,
 }
 
 impl Dry {
     /// `breakers` are strings; each becomes the token a tokenizer produces for it at the end of
     /// a word (the same approximation the reference engine makes).
-    pub fn new(multiplier: f32, breakers: &[&str], tokenizer: &tokenizers::Tokenizer) -> Self {
+    pub(crate) fn new(
+        multiplier: f32,
+        breakers: &[&str],
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> Self {
         let breakers = breakers
             .iter()
             .filter_map(|b| {
@@ -42,7 +46,7 @@ impl Dry {
     }
 
     /// Penalise, in `logits`, every token that would extend a repeat of the end of `context`.
-    pub fn apply(&self, logits: &mut [f32], context: &[u32]) {
+    pub(crate) fn apply(&self, logits: &mut [f32], context: &[u32]) {
         let Some(&last) = context.last() else {
             return;
         };
@@ -79,7 +83,7 @@ impl Dry {
 }
 
 /// The highest-logit token the mask allows, if any.
-pub fn greedy(logits: &[f32], mask: &SimpleVob) -> Option<u32> {
+pub(crate) fn greedy(logits: &[f32], mask: &SimpleVob) -> Option<u32> {
     let mut best: Option<(u32, f32)> = None;
     mask.iter_set_entries(|i| {
         if let Some(&v) = logits.get(i) {

@@ -29,11 +29,11 @@ use crate::engine::{EngineCounters, EngineError};
 /// Blocks kept free at admission so running sequences can grow for a while without preemption.
 const WATERMARK_FRACTION: f64 = 0.01;
 
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     waiting: VecDeque<Sequence>,
     /// In admission order.
     running: Vec<Sequence>,
-    pub blocks: BlockManager,
+    pub(crate) blocks: BlockManager,
     max_running: usize,
     step_tokens: usize,
     counters: Arc<EngineCounters>,
@@ -41,7 +41,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Admissions, prefix-cache hits and preemptions are counted into `counters`.
-    pub fn new(
+    pub(crate) fn new(
         max_running: usize,
         step_tokens: usize,
         blocks: BlockManager,
@@ -61,23 +61,23 @@ impl Scheduler {
     }
 
     /// Publish the queue and pool gauges.
-    pub fn publish(&self) {
+    pub(crate) fn publish(&self) {
         let c = &self.counters;
         c.running.store(self.running.len() as u64, Relaxed);
         c.waiting.store(self.waiting.len() as u64, Relaxed);
         c.kv_blocks_used.store(self.blocks.used() as u64, Relaxed);
     }
 
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
-    pub fn add(&mut self, seq: Sequence) {
+    pub(crate) fn add(&mut self, seq: Sequence) {
         self.waiting.push_back(seq);
     }
 
     /// The planned step: one run per scheduled sequence, in admission order.
-    pub fn runs(&self) -> Vec<Run<'_>> {
+    pub(crate) fn runs(&self) -> Vec<Run<'_>> {
         self.scheduled()
             .map(|s| Run {
                 tokens: &s.tokens[s.computed..s.computed + s.scheduled],
@@ -97,7 +97,7 @@ impl Scheduler {
     }
 
     /// The step's forward pass failed: so do the sequences in it, never silently.
-    pub fn fail_step(&mut self, error: &str) {
+    pub(crate) fn fail_step(&mut self, error: &str) {
         for s in self.scheduled_mut() {
             s.fail(EngineError::Generation(format!(
                 "forward pass failed: {error}"
@@ -109,7 +109,7 @@ impl Scheduler {
     /// prefix cache), pick each sampled sequence's next tokens with `sample` (masks and grammar
     /// bookkeeping, in parallel; `logits` are in `runs` order), then answer the sequences that
     /// finished and fail those whose sampling failed.
-    pub fn postprocess<F>(&mut self, logits: StepLogits, sample: F)
+    pub(crate) fn postprocess<F>(&mut self, logits: StepLogits, sample: F)
     where
         F: Fn(&mut Sequence, &mut [f32]) -> Result<(), EngineError> + Sync,
     {
@@ -136,7 +136,7 @@ impl Scheduler {
     }
 
     /// Drop sequences whose caller went away (or that were answered); their blocks go back.
-    pub fn drop_finished(&mut self) -> usize {
+    pub(crate) fn drop_finished(&mut self) -> usize {
         let mut dropped = 0;
         let blocks = &mut self.blocks;
         self.running.retain_mut(|s| {
@@ -160,7 +160,7 @@ impl Scheduler {
 
     /// Admit waiting sequences and set `scheduled` on every running one. Returns the step's
     /// token count (0 when there is nothing to run).
-    pub fn plan(&mut self) -> usize {
+    pub(crate) fn plan(&mut self) -> usize {
         self.admit();
         let mut budget = self.step_tokens;
         let mut total = 0;

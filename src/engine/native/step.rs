@@ -14,35 +14,35 @@ use super::kv_cache::slot;
 use super::weights::Config;
 
 /// One sequence's part of a step.
-pub struct Run<'a> {
+pub(crate) struct Run<'a> {
     /// The tokens to run now.
-    pub tokens: &'a [u32],
+    pub(crate) tokens: &'a [u32],
     /// Positions already in the cache (the first token of the run sits at this position).
-    pub start: usize,
+    pub(crate) start: usize,
     /// The sequence's block table; it covers `start + tokens.len()` positions.
-    pub table: &'a [u32],
+    pub(crate) table: &'a [u32],
     /// Whether the logits after the run's last token are needed (false mid-prefill).
-    pub wants_logits: bool,
+    pub(crate) wants_logits: bool,
 }
 
 /// The runs flattened into rows, in run order.
-pub struct Step<'a> {
-    pub runs: &'a [Run<'a>],
+pub(crate) struct Step<'a> {
+    pub(crate) runs: &'a [Run<'a>],
     /// Every row's token.
-    pub ids: Vec<u32>,
+    pub(crate) ids: Vec<u32>,
     /// Per row: its run and its position in that run's sequence.
-    pub rows: Vec<(usize, usize)>,
+    pub(crate) rows: Vec<(usize, usize)>,
     /// Per row: the pool slot its key and value are written to.
-    pub slots: Vec<usize>,
+    pub(crate) slots: Vec<usize>,
     /// The rows whose logits are wanted (each wanting run's last row), in run order.
-    pub logit_rows: Vec<usize>,
+    pub(crate) logit_rows: Vec<usize>,
 }
 
 /// For each run that wants them, the logits after its last token; `None` for the others.
-pub type StepLogits = Vec<Option<Vec<f32>>>;
+pub(crate) type StepLogits = Vec<Option<Vec<f32>>>;
 
 impl<'a> Step<'a> {
-    pub fn new(runs: &'a [Run<'a>]) -> Self {
+    pub(crate) fn new(runs: &'a [Run<'a>]) -> Self {
         let mut step = Step {
             runs,
             ids: Vec::new(),
@@ -65,7 +65,7 @@ impl<'a> Step<'a> {
 
     /// Refuse a step the model cannot run: a token outside its vocabulary or a position past
     /// its rotary tables would otherwise index out of bounds (host) or fail deep in a kernel.
-    pub fn check(&self, config: &Config, positions: usize) -> Result<()> {
+    pub(crate) fn check(&self, config: &Config, positions: usize) -> Result<()> {
         if let Some(&id) = self.ids.iter().find(|&&id| id as usize >= config.vocab) {
             candle_core::bail!("token {id} is outside the vocabulary of {}", config.vocab);
         }
@@ -76,7 +76,7 @@ impl<'a> Step<'a> {
     }
 
     /// Deal the logits of `logit_rows`, given in that order, back to their runs.
-    pub fn per_run(&self, mut logits: impl Iterator<Item = Vec<f32>>) -> StepLogits {
+    pub(crate) fn per_run(&self, mut logits: impl Iterator<Item = Vec<f32>>) -> StepLogits {
         self.runs
             .iter()
             .map(|r| {
@@ -89,7 +89,7 @@ impl<'a> Step<'a> {
 }
 
 /// A forward pass: runs a step, writing its keys and values into the pass's KV pool.
-pub trait ForwardPass: Send {
+pub(crate) trait ForwardPass: Send {
     fn config(&self) -> &Config;
 
     /// Positions the pass covers (its rotary tables); longer prompts are refused at admission.

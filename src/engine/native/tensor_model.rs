@@ -24,7 +24,7 @@ use super::linear::{CandleWeight, Group, Linear};
 use super::step::{ForwardPass, Run, Step, StepLogits};
 use super::weights::{Config, Weights};
 
-pub struct TensorModel {
+pub(crate) struct TensorModel {
     config: Config,
     dev: Device,
     dtype: DType,
@@ -181,7 +181,12 @@ impl ForwardPass for TensorModel {
 impl TensorModel {
     /// The model's weights on `dev` in `dtype` (quantized layers keep their blocks), with a KV
     /// pool of `blocks` blocks.
-    pub fn new(w: &Weights, dev: &Device, dtype: DType, blocks: usize) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        w: &Weights,
+        dev: &Device,
+        dtype: DType,
+        blocks: usize,
+    ) -> anyhow::Result<Self> {
         let c = w.config.clone();
         let layers = w
             .layers

@@ -33,13 +33,13 @@ use crate::engine::{PromptMessage, PromptRole};
 /// Text to token ids: our [`FastBpe`] when the tokenizer has a shape it implements (the same ids,
 /// several times faster), `tokenizers` otherwise.
 #[derive(Clone)]
-pub struct Encoder {
+pub(crate) struct Encoder {
     hf: Arc<Tokenizer>,
     fast: Option<Arc<FastBpe>>,
 }
 
 impl Encoder {
-    pub fn new(hf: Arc<Tokenizer>) -> Self {
+    pub(crate) fn new(hf: Arc<Tokenizer>) -> Self {
         let started = Instant::now();
         let fast = match FastBpe::from_tokenizer(&hf) {
             Ok(f) => {
@@ -57,11 +57,12 @@ impl Encoder {
         Self { hf, fast }
     }
 
-    pub fn is_fast(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_fast(&self) -> bool {
         self.fast.is_some()
     }
 
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         match &self.fast {
             Some(f) => Ok(f.encode(text)),
             None => self
@@ -72,7 +73,7 @@ impl Encoder {
         }
     }
 
-    pub fn count(&self, text: &str) -> Result<usize, String> {
+    pub(crate) fn count(&self, text: &str) -> Result<usize, String> {
         match &self.fast {
             Some(f) => Ok(f.count(text)),
             None => self.encode(text).map(|ids| ids.len()),
@@ -80,7 +81,7 @@ impl Encoder {
     }
 
     /// Token ids of `text` with no added-token matching (see the module doc).
-    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>, String> {
         if let Some(f) = &self.fast {
             return Ok(f.encode_plain(text));
         }
@@ -112,7 +113,7 @@ impl Encoder {
 
     /// Token ids of a rendered prompt: the template's pieces with their special tokens, the
     /// contents as plain text.
-    pub fn encode_pieces(&self, pieces: &[Piece<'_>]) -> Result<Vec<u32>, String> {
+    pub(crate) fn encode_pieces(&self, pieces: &[Piece<'_>]) -> Result<Vec<u32>, String> {
         let mut ids = Vec::new();
         for piece in pieces {
             match piece {
@@ -126,7 +127,7 @@ impl Encoder {
 
 /// A part of a rendered prompt: text the chat template wrote, or a message's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece<'a> {
+pub(crate) enum Piece<'a> {
     Template(String),
     Content(&'a str),
 }
@@ -135,7 +136,7 @@ pub enum Piece<'a> {
 /// template writes it, and our contents reach the template only as the marker).
 const MARK: char = '\u{f8ff}';
 
-pub struct ChatTemplate {
+pub(crate) struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
@@ -148,7 +149,11 @@ struct TemplateMessage<'a> {
 }
 
 impl ChatTemplate {
-    pub fn new(source: String, bos_token: String, eos_token: String) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> anyhow::Result<Self> {
         let mut env = Environment::new();
         // HF templates call Python string methods (`.strip()`, `.startswith()`, ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -170,9 +175,10 @@ impl ChatTemplate {
         })
     }
 
-    /// The prompt text for these messages, ending with the assistant's turn opening (for tests
-    /// and inspection: the engine encodes [`Self::render_pieces`]).
-    pub fn render(&self, messages: &[PromptMessage]) -> anyhow::Result<String> {
+    /// The prompt text for these messages, ending with the assistant's turn opening (for tests:
+    /// the engine encodes [`Self::render_pieces`]).
+    #[cfg(test)]
+    pub(crate) fn render(&self, messages: &[PromptMessage]) -> anyhow::Result<String> {
         Ok(self
             .render_pieces(messages)?
             .iter()
@@ -186,7 +192,7 @@ impl ChatTemplate {
     /// The prompt for these messages as template pieces and contents, in order. Fails when the
     /// template does not pass each content through exactly once and unchanged (then template
     /// text and content cannot be told apart).
-    pub fn render_pieces<'a>(
+    pub(crate) fn render_pieces<'a>(
         &self,
         messages: &'a [PromptMessage],
     ) -> anyhow::Result<Vec<Piece<'a>>> {
@@ -257,7 +263,7 @@ fn token_string(v: Option<&serde_json::Value>) -> String {
     }
 }
 
-pub fn from_hf_dir(dir: &Path) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
+pub(crate) fn from_hf_dir(dir: &Path) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
     let tok = Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| anyhow!("reading tokenizer.json: {e}"))?;
     let cfg: serde_json::Value =
@@ -291,7 +297,7 @@ fn meta_u32(c: &gguf_file::Content, key: &str) -> Option<u32> {
 }
 
 /// Rebuild a byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.model == "gpt2"`).
-pub fn from_gguf(c: &gguf_file::Content) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
+pub(crate) fn from_gguf(c: &gguf_file::Content) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
     let model = meta_str(c, "tokenizer.ggml.model")?;
     if model != "gpt2" {
         anyhow::bail!("GGUF tokenizer model {model:?} is not supported without --tokenizer DIR");

@@ -19,53 +19,52 @@ use candle_core::{DType, Device, Tensor};
 use super::linear::{Group, Linear};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
+pub(crate) enum Arch {
     Llama,
     Qwen2,
     Qwen3,
 }
 
 #[derive(Debug, Clone)]
-pub struct Config {
-    pub arch: Arch,
-    pub hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab: usize,
-    pub rope_theta: f32,
-    pub rms_eps: f32,
-    pub max_positions: usize,
+pub(crate) struct Config {
+    pub(crate) hidden: usize,
+    pub(crate) layers: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) vocab: usize,
+    pub(crate) rope_theta: f32,
+    pub(crate) rms_eps: f32,
+    pub(crate) max_positions: usize,
     /// GGUF Llama stores q/k rotated in adjacent pairs; HF checkpoints in two halves.
-    pub rope_interleaved: bool,
+    pub(crate) rope_interleaved: bool,
 }
 
-pub struct Layer {
-    pub attn_norm: Vec<f32>,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
     /// q, k and v projections.
-    pub qkv: Group,
-    pub o: Linear,
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
-    pub ffn_norm: Vec<f32>,
+    pub(crate) qkv: Group,
+    pub(crate) o: Linear,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Vec<f32>,
     /// Gate and up projections.
-    pub gate_up: Group,
-    pub down: Linear,
+    pub(crate) gate_up: Group,
+    pub(crate) down: Linear,
 }
 
-pub struct Weights {
-    pub config: Config,
+pub(crate) struct Weights {
+    pub(crate) config: Config,
     /// `[vocab, hidden]`, f16.
-    pub embed: Vec<half::f16>,
-    pub layers: Vec<Layer>,
-    pub norm: Vec<f32>,
-    pub lm_head: Linear,
+    pub(crate) embed: Vec<half::f16>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: Linear,
 }
 
 impl Weights {
     /// Bytes the weights hold in memory.
-    pub fn resident_bytes(&self) -> usize {
+    pub(crate) fn resident_bytes(&self) -> usize {
         let layers: usize = self
             .layers
             .iter()
@@ -86,7 +85,10 @@ impl Weights {
 
     /// Every linear layer quantized to `dtype`.
     #[cfg(test)]
-    pub fn quantized(mut self, dtype: candle_core::quantized::GgmlDType) -> anyhow::Result<Self> {
+    pub(crate) fn quantized(
+        mut self,
+        dtype: candle_core::quantized::GgmlDType,
+    ) -> anyhow::Result<Self> {
         for l in &mut self.layers {
             l.qkv = l.qkv.quantized(dtype)?;
             l.o = l.o.quantized(dtype)?;
@@ -107,7 +109,7 @@ fn f32_vec(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 }
 
 impl Weights {
-    pub fn from_gguf(path: &Path) -> anyhow::Result<(Self, gguf_file::Content)> {
+    pub(crate) fn from_gguf(path: &Path) -> anyhow::Result<(Self, gguf_file::Content)> {
         let dev = Device::Cpu;
         let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let content = gguf_file::Content::read(&mut file)
@@ -145,7 +147,6 @@ impl Weights {
             Err(_) => Linear::from_qtensor(&embed_q, None)?,
         };
         let config = Config {
-            arch,
             hidden,
             layers: get("block_count")?.to_u32()? as usize,
             heads,
@@ -215,7 +216,10 @@ impl Weights {
     /// A Hugging Face directory: config.json and one or more *.safetensors shards. With
     /// `quantize`, each linear layer is quantized as it loads, so the f32 copies of all layers
     /// never exist at once.
-    pub fn from_safetensors_dir(dir: &Path, quantize: Option<GgmlDType>) -> anyhow::Result<Self> {
+    pub(crate) fn from_safetensors_dir(
+        dir: &Path,
+        quantize: Option<GgmlDType>,
+    ) -> anyhow::Result<Self> {
         let dev = Device::Cpu;
         let cfg: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
@@ -233,7 +237,6 @@ impl Weights {
         let hidden = num("hidden_size")? as usize;
         let heads = num("num_attention_heads")? as usize;
         let config = Config {
-            arch,
             hidden,
             layers: num("num_hidden_layers")? as usize,
             heads,
