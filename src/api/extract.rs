@@ -18,11 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use crate::api::error::ApiError;
-use crate::api::types::{Envelope, ExtractRequest};
+use crate::api::types::{Envelope, ExtractData, ExtractRequest};
 use crate::api::AppState;
 use crate::limits::admission::{Done, Work};
 use crate::limits::{AdmissionError, LimitError};
-use crate::pipeline::{ExtractInput, Extraction, PipelineError};
+use crate::pipeline::{Extraction, PipelineError};
 use crate::telemetry::http::RequestRecord;
 
 #[utoipa::path(
@@ -104,12 +104,7 @@ async fn handle(
             return Err(e);
         }
     };
-    let prepared = extractor
-        .prepare(ExtractInput {
-            messages: request.messages,
-            extraction_types: request.extraction_types,
-        })
-        .await?;
+    let prepared = extractor.prepare(request.into_input()).await?;
     let input_tokens = prepared.input_tokens;
     record.update(|f| f.input_tokens = Some(input_tokens));
 
@@ -357,7 +352,7 @@ fn success(
     let mut response = Json(Envelope {
         code: 0,
         message: "ok".into(),
-        data: Some(extraction.data),
+        data: Some(ExtractData::from(extraction.items)),
     })
     .into_response();
     let headers = response.headers_mut();

@@ -25,18 +25,19 @@ pub mod language;
 pub mod output;
 pub mod prompt;
 pub mod schema;
+pub mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::types::{ExtractData, ExtractionType, WireMessage};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, PromptMessage};
 use branch::{Branch, Requested};
 use language::{DetectedLanguage, TemplateLang};
 use output::BranchOutput;
 use prompt::Prompts;
 use schema::OutputLimits;
+use types::{ExtractedItems, ExtractionType, InputMessage, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -71,7 +72,7 @@ pub enum PipelineError {
 /// What a client asked for, after HTTP parsing.
 #[derive(Debug, Clone)]
 pub struct ExtractInput {
-    pub messages: Option<Vec<WireMessage>>,
+    pub messages: Option<Vec<InputMessage>>,
     pub extraction_types: Option<Vec<ExtractionType>>,
 }
 
@@ -97,7 +98,7 @@ impl BranchStats {
 
 #[derive(Debug, Clone)]
 pub struct Extraction {
-    pub data: ExtractData,
+    pub items: ExtractedItems,
     pub input_tokens: usize,
     pub language: &'static str,
     pub branches: Vec<BranchStats>,
@@ -279,8 +280,8 @@ impl Extractor {
     /// instead of every request.
     pub async fn warm_up(&self) -> Result<Duration, PipelineError> {
         let started = std::time::Instant::now();
-        let message = WireMessage {
-            role: crate::api::types::Role::User,
+        let message = InputMessage {
+            role: Role::User,
             content: Some("Hi, I'm Sam and I drink green tea every morning.".into()),
             chat_time: None,
         };
@@ -381,27 +382,22 @@ impl Extractor {
         // try_join_all drops (and so cancels) the sibling branches as soon as one fails.
         let results = futures::future::try_join_all(runs).await?;
 
-        let mut data = ExtractData {
-            success: true,
-            memory_detail_list: requested.memory.then(Vec::new),
-            preference_detail_list: requested.preference.then(Vec::new),
+        let mut items = ExtractedItems {
+            memories: requested.memory.then(Vec::new),
+            preferences: requested.preference.then(Vec::new),
         };
         let mut stats = Vec::with_capacity(results.len());
         for (out, s) in results {
             match out {
-                BranchOutput::Memories(m) => data
-                    .memory_detail_list
-                    .get_or_insert_with(Vec::new)
-                    .extend(m),
-                BranchOutput::Preferences(p) => data
-                    .preference_detail_list
-                    .get_or_insert_with(Vec::new)
-                    .extend(p),
+                BranchOutput::Memories(m) => items.memories.get_or_insert_with(Vec::new).extend(m),
+                BranchOutput::Preferences(p) => {
+                    items.preferences.get_or_insert_with(Vec::new).extend(p)
+                }
             }
             stats.push(s);
         }
         Ok(Extraction {
-            data,
+            items,
             input_tokens,
             language: language.name,
             branches: stats,
@@ -411,7 +407,7 @@ impl Extractor {
     /// The engine requests an extraction would make, without running them: what `memex render`
     /// prints, and what the side-by-side benchmark sends to other servers.
     pub fn render(
-        messages: Option<Vec<WireMessage>>,
+        messages: Option<Vec<InputMessage>>,
         extraction_types: Option<&[ExtractionType]>,
         limits: &OutputLimits,
         prompts: &Prompts,

@@ -27,11 +27,11 @@ use anyhow::{bail, Context};
 use minijinja::{context, Environment};
 use serde::Serialize;
 
-use crate::api::types::Role;
 use crate::engine::{PromptMessage, PromptRole};
 use crate::pipeline::branch::Branch;
 use crate::pipeline::clean::{Dialogue, Message};
 use crate::pipeline::language::{DetectedLanguage, TemplateLang};
+use crate::pipeline::types::Role;
 
 /// The templates memex renders, by file name (the names `--templates DIR` may override).
 const TEMPLATES: &[(&str, &str)] = &[
