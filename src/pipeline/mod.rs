@@ -67,6 +67,14 @@ pub enum PipelineError {
     Branch { branch: Branch, reason: String },
     #[error("tokenizer failed: {0}")]
     Tokenizer(String),
+    #[error("language detection failed: {0}")]
+    Language(String),
+    #[error("rendering the prompt template {0}")]
+    Template(#[from] prompt::RenderError),
+    /// The blocking task that cleans, detects and renders did not finish (a panic outside
+    /// language detection).
+    #[error("preparing the prompts failed: {0}")]
+    Prepare(String),
 }
 
 /// What a client asked for, after HTTP parsing.
@@ -313,7 +321,7 @@ impl Extractor {
         let limits = self.config.limits;
         let (language, requests) = tokio::task::spawn_blocking(move || {
             let dialogue = clean::clean(input.messages)?;
-            let language = language::detect(&dialogue);
+            let language = detect_language(&dialogue)?;
             let requests = branch::choose(requested, &dialogue)
                 .into_iter()
                 .map(|b| {
@@ -326,7 +334,7 @@ impl Extractor {
             Ok::<_, PipelineError>((language, requests))
         })
         .await
-        .map_err(|e| PipelineError::Tokenizer(format!("preparing the prompts: {e}")))??;
+        .map_err(|e| PipelineError::Prepare(e.to_string()))??;
 
         // The engine tokenizes on a blocking thread (or its own), never on the async workers.
         let counts = futures::future::try_join_all(
@@ -488,16 +496,24 @@ fn branch_request(
     limits: &OutputLimits,
 ) -> Result<GenerateRequest, PipelineError> {
     let schema = schema::schema_for(branch, limits);
-    let messages = prompts
-        .render(branch, language, dialogue, limits.max_items)
-        .map_err(|e| PipelineError::Branch {
-            branch,
-            reason: format!("prompt template: {e}"),
-        })?;
+    let messages = prompts.render(branch, language, dialogue, limits.max_items)?;
     Ok(GenerateRequest {
         messages,
         max_tokens: schema::worst_case_tokens(&schema),
         schema,
+    })
+}
+
+/// lingua has no error to return: a failure is a panic, caught here so that the request fails
+/// naming language detection rather than as a failed blocking task.
+fn detect_language(dialogue: &clean::Dialogue) -> Result<DetectedLanguage, PipelineError> {
+    std::panic::catch_unwind(|| language::detect(dialogue)).map_err(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panicked".into());
+        PipelineError::Language(reason)
     })
 }
 
