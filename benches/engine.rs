@@ -128,7 +128,7 @@ fn corpus_dialogue(id: &str) -> Dialogue {
         .unwrap_or_else(|| panic!("no dialogue {id} in the corpus"));
     let body = serde_json::to_vec(&json!({"messages": d["messages"]})).unwrap();
     let req = memex::api::types::ExtractRequest::from_json(&body).unwrap();
-    clean::clean(req.messages).unwrap()
+    clean::clean(req.into_input().messages).unwrap()
 }
 
 fn guidance(mut schema: Value) -> Value {
@@ -325,13 +325,7 @@ impl Server for Llama {
             let messages: Vec<Value> = r
                 .messages
                 .iter()
-                .map(|m| {
-                    let role = match m.role {
-                        PromptRole::System => "system",
-                        PromptRole::User => "user",
-                    };
-                    json!({"role": role, "content": m.content})
-                })
+                .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
                 .collect();
             let mut schema = r.schema.clone();
             schema.as_object_mut().unwrap().remove("x-guidance");

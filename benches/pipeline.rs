@@ -5,13 +5,13 @@
 //!     cargo bench --bench pipeline                   # add `-- total` for the totals only
 //!
 //! Stages, each through the crate's public API, in request order:
-//! `parse_body` (the JSON body into wire types), `clean`, `count_tokens` (the input limit: all contents
-//! joined, counted by the native engine's `FastBpe` as the server does; `count_tokens_cold` the
-//! same with its word cache emptied first, `count_tokens_hf` the `tokenizers` crate for
-//! comparison), `detect_language`, `render_prompts` (every branch the request runs),
-//! `build_schemas` (schema and worst-case token bound per branch), `parse_output` (a maximal model
-//! output per branch, mapped and serialized as the response envelope), and `total` (all of them
-//! in sequence, one request). Target: `total` under 2 ms at 8,000 tokens.
+//! `parse_body` (the JSON body into wire types, then into the pipeline's input), `clean`,
+//! `count_tokens` (the input limit: all contents joined, counted by the native engine's `FastBpe`
+//! as the server does; `count_tokens_cold` the same with its word cache emptied first,
+//! `count_tokens_hf` the `tokenizers` crate for comparison), `detect_language`, `render_prompts`
+//! (every branch the request runs), `build_schemas` (schema and worst-case token bound per
+//! branch), `parse_output` (a maximal model output per branch, mapped to the wire types and
+//! serialized as the response envelope), and `total` (all of them in sequence, one request). Target: `total` under 2 ms at 8,000 tokens.
 //!
 //! Dialogues are cut from the load-test corpus (`loadtest/corpus/*.json`) to the target size,
 //! counted with the Qwen3 tokenizer from `.cache/models/qwen3-tokenizer` (or the directory in
@@ -25,7 +25,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use memex::api::types::{Envelope, ExtractData, ExtractRequest, WireMessage};
+use memex::api::types::{Envelope, ExtractData, ExtractRequest};
 use memex::engine::native::bpe::{self, FastBpe};
 use memex::pipeline::branch::{self, Branch, Requested};
 use memex::pipeline::clean::{self, Dialogue};
@@ -33,6 +33,7 @@ use memex::pipeline::language::{self, DetectedLanguage};
 use memex::pipeline::output::{self, BranchOutput};
 use memex::pipeline::prompt::Prompts;
 use memex::pipeline::schema::{self, OutputLimits};
+use memex::pipeline::types::{ExtractedItems, InputMessage};
 
 const SIZES: [usize; 3] = [100, 2_000, 8_000];
 const LANGS: [&str; 2] = ["en", "zh"];
@@ -141,7 +142,7 @@ struct Case {
     name: String,
     tokens: usize,
     body: Vec<u8>,
-    wire: Vec<WireMessage>,
+    input: Vec<InputMessage>,
     dialogue: Dialogue,
     language: DetectedLanguage,
     branches: Vec<Branch>,
@@ -155,8 +156,12 @@ fn cases(tok: &Tokenizer) -> Vec<Case> {
             let messages = dialogue_messages(tok, lang, size);
             // Both extraction types: the most work a request can ask for.
             let body = serde_json::to_vec(&json!({ "messages": messages })).unwrap();
-            let wire = ExtractRequest::from_json(&body).unwrap().messages.unwrap();
-            let dialogue = clean::clean(Some(wire.clone())).unwrap();
+            let input = ExtractRequest::from_json(&body)
+                .unwrap()
+                .into_input()
+                .messages
+                .unwrap();
+            let dialogue = clean::clean(Some(input.clone())).unwrap();
             let tokens = count(tok, &dialogue.joined_content());
             let language = language::detect(&dialogue);
             assert_eq!(language.template.code(), lang, "corpus language detected");
@@ -175,7 +180,7 @@ fn cases(tok: &Tokenizer) -> Vec<Case> {
                 name: format!("{lang}/{size}"),
                 tokens,
                 body,
-                wire,
+                input,
                 dialogue,
                 language,
                 branches,
@@ -188,28 +193,27 @@ fn cases(tok: &Tokenizer) -> Vec<Case> {
 
 /// Everything after generation: parse each branch's text, map it, serialize the envelope.
 fn parse_and_respond(outputs: &[(Branch, String)]) -> Vec<u8> {
-    let mut data = ExtractData {
-        success: true,
-        memory_detail_list: Some(Vec::new()),
-        preference_detail_list: Some(Vec::new()),
+    let mut items = ExtractedItems {
+        memories: Some(Vec::new()),
+        preferences: Some(Vec::new()),
     };
     for (b, text) in outputs {
         match output::parse(*b, text).expect("maximal output parses") {
-            BranchOutput::Memories(m) => data.memory_detail_list.as_mut().unwrap().extend(m),
-            BranchOutput::Preferences(p) => data.preference_detail_list.as_mut().unwrap().extend(p),
+            BranchOutput::Memories(m) => items.memories.as_mut().unwrap().extend(m),
+            BranchOutput::Preferences(p) => items.preferences.as_mut().unwrap().extend(p),
         }
     }
     serde_json::to_vec(&Envelope {
         code: 0,
         message: "ok".into(),
-        data: Some(data),
+        data: Some(ExtractData::from(items)),
     })
     .unwrap()
 }
 
 /// One request's CPU work outside the model, in order.
 fn total(tok: &FastBpe, prompts: &Prompts, limits: &OutputLimits, case: &Case) -> usize {
-    let req = ExtractRequest::from_json(&case.body).unwrap();
+    let req = ExtractRequest::from_json(&case.body).unwrap().into_input();
     let dialogue = clean::clean(req.messages).unwrap();
     let requested = Requested::from_types(req.extraction_types.as_deref());
     let tokens = tok.count(&dialogue.joined_content());
@@ -239,11 +243,15 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("pipeline/{}", case.name));
         g.throughput(Throughput::Elements(case.tokens as u64));
         g.bench_function("parse_body", |b| {
-            b.iter(|| ExtractRequest::from_json(black_box(&case.body)).unwrap())
+            b.iter(|| {
+                ExtractRequest::from_json(black_box(&case.body))
+                    .unwrap()
+                    .into_input()
+            })
         });
         g.bench_function("clean", |b| {
             b.iter_batched(
-                || case.wire.clone(),
+                || case.input.clone(),
                 |w| clean::clean(Some(w)).unwrap(),
                 BatchSize::SmallInput,
             )

@@ -52,12 +52,12 @@ fn render(templates: Option<&std::path::Path>) -> anyhow::Result<()> {
     use std::io::Read;
     let mut body = Vec::new();
     std::io::stdin().read_to_end(&mut body)?;
-    let req = memex::api::types::ExtractRequest::from_json(&body)?;
+    let input = memex::api::types::ExtractRequest::from_json(&body)?.into_input();
     let limits = memex::pipeline::schema::OutputLimits::default();
     let prompts = memex::pipeline::prompt::Prompts::new(templates)?;
     let requests = memex::pipeline::Extractor::render(
-        req.messages,
-        req.extraction_types.as_deref(),
+        input.messages,
+        input.extraction_types.as_deref(),
         &limits,
         &prompts,
     )?;
@@ -65,13 +65,7 @@ fn render(templates: Option<&std::path::Path>) -> anyhow::Result<()> {
         let messages: Vec<serde_json::Value> = r
             .messages
             .iter()
-            .map(|m| {
-                let role = match m.role {
-                    memex::engine::PromptRole::System => "system",
-                    memex::engine::PromptRole::User => "user",
-                };
-                serde_json::json!({ "role": role, "content": m.content })
-            })
+            .map(|m| serde_json::json!({ "role": m.role.as_str(), "content": m.content }))
             .collect();
         let line = serde_json::json!({
             "branch": branch.name(),

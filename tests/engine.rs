@@ -327,7 +327,7 @@ fn directory_missing_a_tokenizer_fails_naming_the_file() {
 /// though all three are submitted at once.
 #[test]
 fn a_requests_branches_compute_its_dialogue_once() {
-    use memex::api::types::{Role, WireMessage};
+    use memex::pipeline::types::{InputMessage, Role};
     use memex::pipeline::{ExtractInput, Extractor, PipelineConfig};
     rt().block_on(async {
         let source = ModelSource::resolve(&common::tiny_model_dir(), None).unwrap();
@@ -352,7 +352,7 @@ fn a_requests_branches_compute_its_dialogue_once() {
         let extractor = Extractor::new(engine, config).unwrap();
         // Two user turns, so the implicit branch runs too; about 1,200 bytes, and the tiny
         // model's tokenizer is byte-level: about 1,200 dialogue tokens.
-        let turn = |role, text: &str| WireMessage {
+        let turn = |role, text: &str| InputMessage {
             role,
             content: Some(text.repeat(12)),
             chat_time: None,

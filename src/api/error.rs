@@ -200,6 +200,11 @@ impl From<PipelineError> for ApiError {
                 reason,
             },
             PipelineError::Tokenizer(_) => Self::Internal("could not count input tokens".into()),
+            PipelineError::Language(_) => {
+                Self::Internal("could not detect the dialogue's language".into())
+            }
+            PipelineError::Template(_) => Self::Internal(e.to_string()),
+            PipelineError::Prepare(_) => Self::Internal("could not prepare the prompts".into()),
         }
     }
 }
@@ -386,6 +391,50 @@ mod tests {
         // Cut on characters, never inside one.
         let wide = bounded("界".repeat(1000));
         assert!(wide.contains("characters cut"));
+    }
+
+    /// Failures before generation name their stage: not the tokenizer for every one of them,
+    /// and not a branch for a template every branch shares.
+    #[test]
+    fn preparation_failures_name_their_stage() {
+        use crate::pipeline::prompt::Prompts;
+        use crate::pipeline::schema::OutputLimits;
+        use crate::pipeline::types::{InputMessage, Role};
+        use crate::pipeline::Extractor;
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("dialogue.en.j2"),
+            "{% for m in messages %}{{ m.content }}\n{% endfor %}\
+             {% if messages|length > 1 %}{{ not_given }}{% endif %}",
+        )
+        .unwrap();
+        let prompts = Prompts::new(Some(dir.path())).unwrap();
+        let message = |role, content: &str| InputMessage {
+            role,
+            content: Some(content.into()),
+            chat_time: None,
+        };
+        let messages = vec![
+            message(Role::User, "I live in Leeds and I cycle to work."),
+            message(Role::Assistant, "Noted."),
+        ];
+        let err = Extractor::render(Some(messages), None, &OutputLimits::default(), &prompts)
+            .unwrap_err();
+        let err = ApiError::from(err);
+        let (status, code) = err.status_and_code();
+        assert_eq!((status.as_u16(), code), (500, 50000));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("prompt template dialogue.en.j2") && !msg.contains("memory"),
+            "{msg}"
+        );
+
+        let err = ApiError::from(PipelineError::Language("lingua panicked".into()));
+        assert_eq!(err.status_and_code().1, 50000);
+        assert!(err.to_string().contains("language"), "{err}");
+        let err = ApiError::from(PipelineError::Prepare("task panicked".into()));
+        assert!(!err.to_string().contains("token"), "{err}");
     }
 
     #[test]

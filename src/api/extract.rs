@@ -18,12 +18,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use crate::api::error::ApiError;
-use crate::api::types::{Envelope, ExtractRequest};
+use crate::api::types::{Envelope, ExtractData, ExtractRequest};
 use crate::api::AppState;
 use crate::limits::admission::{Done, Work};
 use crate::limits::{AdmissionError, LimitError};
-use crate::pipeline::{ExtractInput, Extraction, PipelineError};
+use crate::pipeline::{BranchStats, Extraction, PipelineError};
 use crate::telemetry::http::RequestRecord;
+use crate::telemetry::Metrics;
 
 #[utoipa::path(
     post,
@@ -104,12 +105,7 @@ async fn handle(
             return Err(e);
         }
     };
-    let prepared = extractor
-        .prepare(ExtractInput {
-            messages: request.messages,
-            extraction_types: request.extraction_types,
-        })
-        .await?;
+    let prepared = extractor.prepare(request.into_input()).await?;
     let input_tokens = prepared.input_tokens;
     record.update(|f| f.input_tokens = Some(input_tokens));
 
@@ -276,14 +272,41 @@ async fn parse(body: Bytes) -> Result<ExtractRequest, ApiError> {
         .map_err(|e| ApiError::Internal(format!("parsing the body: {e}")))?
 }
 
+/// The 200 answer: the extraction's numbers go to the metrics, the request's log line and the
+/// response headers, and its items into the envelope.
 fn success(
     state: &AppState,
     record: &RequestRecord,
     extraction: Extraction,
     queue_time: Duration,
 ) -> Response {
-    let metrics = state.metrics();
-    for b in &extraction.branches {
+    observe_branches(state.metrics(), &extraction.branches);
+    let totals = Totals::of(&extraction.branches);
+    record.update(|f| {
+        f.prompt_tokens = Some(totals.prompt_tokens);
+        f.generated_tokens = Some(totals.generated_tokens);
+        f.inference_time = Some(totals.inference_time);
+        f.branches = Some(branch_summary(&extraction.branches));
+    });
+    let mut response = Json(Envelope {
+        code: 0,
+        message: "ok".into(),
+        data: Some(ExtractData::from(extraction.items)),
+    })
+    .into_response();
+    set_stat_headers(
+        response.headers_mut(),
+        &totals,
+        extraction.input_tokens,
+        queue_time,
+        extraction.language,
+    );
+    response
+}
+
+/// The per-branch metric families, labelled by branch.
+fn observe_branches(metrics: &Metrics, branches: &[BranchStats]) {
+    for b in branches {
         let branch = [b.branch.name()];
         metrics
             .time_to_first_token
@@ -316,23 +339,38 @@ fn success(
                 .inc_by(u64::from(b.attempts - 1));
         }
     }
-    let prompt_tokens: usize = extraction.branches.iter().map(|b| b.prompt_tokens).sum();
-    let generated: usize = extraction.branches.iter().map(|b| b.generated_tokens).sum();
-    let cached: usize = extraction
-        .branches
-        .iter()
-        .map(|b| b.cached_prompt_tokens)
-        .sum();
-    let prefill: usize = extraction.branches.iter().map(|b| b.prefill_tokens()).sum();
-    // Branches run concurrently: the request waited for the longest one.
-    let inference = extraction
-        .branches
-        .iter()
-        .map(|b| b.generation_time)
-        .max()
-        .unwrap_or_default();
-    let summary = extraction
-        .branches
+}
+
+/// A request's numbers over all its branches: what the log line and the headers report.
+struct Totals {
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    cached_prompt_tokens: usize,
+    prefill_tokens: usize,
+    inference_time: Duration,
+}
+
+impl Totals {
+    fn of(branches: &[BranchStats]) -> Self {
+        let sum = |f: fn(&BranchStats) -> usize| branches.iter().map(f).sum();
+        Self {
+            prompt_tokens: sum(|b| b.prompt_tokens),
+            generated_tokens: sum(|b| b.generated_tokens),
+            cached_prompt_tokens: sum(|b| b.cached_prompt_tokens),
+            prefill_tokens: sum(BranchStats::prefill_tokens),
+            // Branches run concurrently: the request waited for the longest one.
+            inference_time: branches
+                .iter()
+                .map(|b| b.generation_time)
+                .max()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// One `branch:time/tokens/ttft/cached/try` group per branch, for the request's log line.
+fn branch_summary(branches: &[BranchStats]) -> String {
+    branches
         .iter()
         .map(|b| {
             format!(
@@ -346,34 +384,41 @@ fn success(
             )
         })
         .collect::<Vec<_>>()
-        .join(" ");
-    record.update(|f| {
-        f.prompt_tokens = Some(prompt_tokens);
-        f.generated_tokens = Some(generated);
-        f.inference_time = Some(inference);
-        f.branches = Some(summary);
-    });
+        .join(" ")
+}
 
-    let mut response = Json(Envelope {
-        code: 0,
-        message: "ok".into(),
-        data: Some(extraction.data),
-    })
-    .into_response();
-    let headers = response.headers_mut();
+/// The `x-*` headers of a 200 (the OpenAPI document lists them).
+fn set_stat_headers(
+    headers: &mut HeaderMap,
+    totals: &Totals,
+    input_tokens: usize,
+    queue_time: Duration,
+    language: &str,
+) {
+    set_header(headers, "x-input-tokens", &input_tokens.to_string());
     set_header(
         headers,
-        "x-input-tokens",
-        &extraction.input_tokens.to_string(),
+        "x-prompt-tokens",
+        &totals.prompt_tokens.to_string(),
     );
-    set_header(headers, "x-prompt-tokens", &prompt_tokens.to_string());
-    set_header(headers, "x-generated-tokens", &generated.to_string());
-    set_header(headers, "x-cached-prompt-tokens", &cached.to_string());
-    set_header(headers, "x-prefill-tokens", &prefill.to_string());
+    set_header(
+        headers,
+        "x-generated-tokens",
+        &totals.generated_tokens.to_string(),
+    );
+    set_header(
+        headers,
+        "x-cached-prompt-tokens",
+        &totals.cached_prompt_tokens.to_string(),
+    );
+    set_header(
+        headers,
+        "x-prefill-tokens",
+        &totals.prefill_tokens.to_string(),
+    );
     set_header(headers, "x-queue-time", &seconds(queue_time));
-    set_header(headers, "x-inference-time", &seconds(inference));
-    set_header(headers, "x-language", extraction.language);
-    response
+    set_header(headers, "x-inference-time", &seconds(totals.inference_time));
+    set_header(headers, "x-language", language);
 }
 
 fn seconds(d: Duration) -> String {

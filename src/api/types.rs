@@ -17,6 +17,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use crate::api::error::ApiError;
+use crate::pipeline::types as domain;
+use crate::pipeline::ExtractInput;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -24,17 +26,6 @@ pub enum Role {
     User,
     Assistant,
     System,
-}
-
-impl Role {
-    /// The wire name, as prompts show it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::User => "user",
-            Self::Assistant => "assistant",
-            Self::System => "system",
-        }
-    }
 }
 
 /// One dialogue message as sent. Text only: any other field is rejected, not dropped.
@@ -203,6 +194,105 @@ pub struct PreferenceItem {
     pub preference_type: PreferenceType,
 }
 
+// Wire to domain, for requests, and domain to wire, for answers: the pipeline sees only its own
+// types. Every conversion moves the strings; none copies one.
+
+impl From<Role> for domain::Role {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::User => Self::User,
+            Role::Assistant => Self::Assistant,
+            Role::System => Self::System,
+        }
+    }
+}
+
+impl From<WireMessage> for domain::InputMessage {
+    fn from(m: WireMessage) -> Self {
+        Self {
+            role: m.role.into(),
+            content: m.content,
+            chat_time: m.chat_time,
+        }
+    }
+}
+
+impl From<ExtractionType> for domain::ExtractionType {
+    fn from(t: ExtractionType) -> Self {
+        match t {
+            ExtractionType::Memory => Self::Memory,
+            ExtractionType::Preference => Self::Preference,
+        }
+    }
+}
+
+impl ExtractRequest {
+    /// The pipeline's input. `model` is not part of it: a server serves the one model it loaded.
+    pub fn into_input(self) -> ExtractInput {
+        ExtractInput {
+            messages: self
+                .messages
+                .map(|m| m.into_iter().map(Into::into).collect()),
+            extraction_types: self
+                .extraction_types
+                .map(|t| t.into_iter().map(Into::into).collect()),
+        }
+    }
+}
+
+impl From<domain::MemoryType> for MemoryType {
+    fn from(t: domain::MemoryType) -> Self {
+        match t {
+            domain::MemoryType::UserMemory => Self::UserMemory,
+            domain::MemoryType::LongTermMemory => Self::LongTermMemory,
+        }
+    }
+}
+
+impl From<domain::MemoryItem> for MemoryItem {
+    fn from(m: domain::MemoryItem) -> Self {
+        Self {
+            memory_key: m.key,
+            memory_value: m.value,
+            memory_type: m.memory_type.into(),
+            tags: m.tags,
+        }
+    }
+}
+
+impl From<domain::PreferenceType> for PreferenceType {
+    fn from(t: domain::PreferenceType) -> Self {
+        match t {
+            domain::PreferenceType::Explicit => Self::ExplicitPreference,
+            domain::PreferenceType::Implicit => Self::ImplicitPreference,
+        }
+    }
+}
+
+impl From<domain::PreferenceItem> for PreferenceItem {
+    fn from(p: domain::PreferenceItem) -> Self {
+        Self {
+            preference: p.preference,
+            reasoning: p.reasoning,
+            preference_type: p.preference_type.into(),
+        }
+    }
+}
+
+impl From<domain::ExtractedItems> for ExtractData {
+    fn from(items: domain::ExtractedItems) -> Self {
+        Self {
+            success: true,
+            memory_detail_list: items
+                .memories
+                .map(|m| m.into_iter().map(Into::into).collect()),
+            preference_detail_list: items
+                .preferences
+                .map(|p| p.into_iter().map(Into::into).collect()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +371,52 @@ mod tests {
         let m = msg("[1]");
         assert!(m.starts_with("body:") && m.contains("JSON object"), "{m}");
         assert!(msg("{").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn domain_answers_map_to_the_contracts_names() {
+        let data = ExtractData::from(domain::ExtractedItems {
+            memories: Some(vec![domain::MemoryItem {
+                key: "Job".into(),
+                value: "The user is a developer.".into(),
+                memory_type: domain::MemoryType::LongTermMemory,
+                tags: vec!["work".into()],
+            }]),
+            preferences: Some(vec![domain::PreferenceItem {
+                preference: "Short replies".into(),
+                reasoning: "asked twice".into(),
+                preference_type: domain::PreferenceType::Implicit,
+            }]),
+        });
+        assert_eq!(
+            serde_json::to_value(&data).unwrap(),
+            serde_json::json!({
+                "success": true,
+                "memory_detail_list": [{"memory_key": "Job",
+                    "memory_value": "The user is a developer.",
+                    "memory_type": "LongTermMemory", "tags": ["work"]}],
+                "preference_detail_list": [{"preference": "Short replies",
+                    "reasoning": "asked twice", "preference_type": "implicit_preference"}],
+            })
+        );
+        let input = parse(
+            r#"{"messages":[{"role":"assistant","content":"hi","chat_time":"t"}],
+                "extraction_types":["preference"]}"#,
+        )
+        .unwrap()
+        .into_input();
+        assert_eq!(
+            input.messages.unwrap(),
+            vec![domain::InputMessage {
+                role: domain::Role::Assistant,
+                content: Some("hi".into()),
+                chat_time: Some("t".into()),
+            }]
+        );
+        assert_eq!(
+            input.extraction_types.unwrap(),
+            vec![domain::ExtractionType::Preference]
+        );
     }
 
     #[test]

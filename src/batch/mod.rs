@@ -31,7 +31,7 @@ use crate::api::error::ApiError;
 use crate::api::types::ExtractRequest;
 use crate::config::ExtractorArgs;
 use crate::engine::ModelSource;
-use crate::pipeline::{ExtractInput, Extraction, Extractor};
+use crate::pipeline::{Extraction, Extractor};
 use input::ParsedLine;
 use output::{Answered, LineSender, OutputLine, Resume, Retryable, Sink, Writer};
 use progress::{clock, Progress, Tally};
@@ -89,12 +89,7 @@ pub async fn answer(
     extractor: &Extractor,
     request: ExtractRequest,
 ) -> Result<Extraction, ApiError> {
-    let prepared = extractor
-        .prepare(ExtractInput {
-            messages: request.messages,
-            extraction_types: request.extraction_types,
-        })
-        .await?;
+    let prepared = extractor.prepare(request.into_input()).await?;
     Ok(extractor.run(prepared).await?)
 }
 

@@ -97,7 +97,7 @@ impl OutputLine {
                         body: Envelope {
                             code: 0,
                             message: "ok".into(),
-                            data: Some(extraction.data),
+                            data: Some(extraction.items.into()),
                         },
                         stats: Some(stats),
                     },

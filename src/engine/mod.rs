@@ -95,6 +95,16 @@ pub enum PromptRole {
     User,
 }
 
+impl PromptRole {
+    /// The name chat templates and OpenAI-style servers know the role by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+        }
+    }
+}
+
 /// One constrained generation.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {

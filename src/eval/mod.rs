@@ -80,7 +80,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<Vec<DialogueResult>> {
             let generated = answer.as_ref().map_or(0, |e| {
                 e.branches.iter().map(|b| b.generated_tokens).sum::<usize>()
             });
-            let answer = answer.map(|extraction| extraction.data);
+            let answer = answer.map(|extraction| extraction.items.into());
             let result = report::score(&dialogue, answer, seconds, &limits, threshold);
             progress.answered(result.code == 0, generated);
             (index, result)

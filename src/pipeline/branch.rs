@@ -7,8 +7,8 @@
 
 use std::fmt;
 
-use crate::api::types::ExtractionType;
 use crate::pipeline::clean::Dialogue;
+use crate::pipeline::types::ExtractionType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Branch {
@@ -80,8 +80,8 @@ pub fn choose(requested: Requested, dialogue: &Dialogue) -> Vec<Branch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::Role;
     use crate::pipeline::clean::Message;
+    use crate::pipeline::types::Role;
 
     fn dialogue(user_turns: usize) -> Dialogue {
         let mut messages = vec![];

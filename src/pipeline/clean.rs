@@ -16,7 +16,7 @@
 //! and isolates, tag characters (U+E0000–E007F), the soft hyphen, zero-width spaces and joiners
 //! that carry no text. ZWJ and ZWNJ stay: emoji sequences and Persian and Indic scripts need them.
 
-use crate::api::types::{Role, WireMessage};
+use crate::pipeline::types::{InputMessage, Role};
 use crate::pipeline::PipelineError;
 
 /// Continuation lines of a multi-line content start with this inside the dialogue block.
@@ -60,7 +60,7 @@ impl Dialogue {
     }
 }
 
-pub fn clean(messages: Option<Vec<WireMessage>>) -> Result<Dialogue, PipelineError> {
+pub fn clean(messages: Option<Vec<InputMessage>>) -> Result<Dialogue, PipelineError> {
     let messages = match messages {
         Some(m) if !m.is_empty() => m,
         _ => return Err(PipelineError::NoMessages),
@@ -163,8 +163,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn wire(role: Role, content: Option<&str>) -> WireMessage {
-        WireMessage {
+    fn wire(role: Role, content: Option<&str>) -> InputMessage {
+        InputMessage {
             role,
             content: content.map(str::to_owned),
             chat_time: None,
@@ -217,8 +217,8 @@ mod tests {
         assert_eq!(d.joined_content(), "sys\na\nb\nc");
     }
 
-    fn with_time(content: &str, time: &str) -> WireMessage {
-        WireMessage {
+    fn with_time(content: &str, time: &str) -> InputMessage {
+        InputMessage {
             chat_time: Some(time.into()),
             ..wire(Role::User, Some(content))
         }
@@ -297,7 +297,7 @@ mod tests {
 
         #[test]
         fn every_message_survives_or_is_named(contents in proptest::collection::vec(any::<String>(), 1..6)) {
-            let msgs: Vec<WireMessage> = contents.iter().map(|c| wire(Role::User, Some(c))).collect();
+            let msgs: Vec<InputMessage> = contents.iter().map(|c| wire(Role::User, Some(c))).collect();
             match clean(Some(msgs)) {
                 Ok(d) => prop_assert_eq!(d.messages.len(), contents.len()),
                 Err(PipelineError::EmptyContent { index }) => {

@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 
 use lingua::{Language as L, LanguageDetector, LanguageDetectorBuilder};
 
-use crate::api::types::Role;
 use crate::pipeline::clean::Dialogue;
+use crate::pipeline::types::Role;
 
 pub const SAMPLE_CHARS: usize = 600;
 

@@ -25,18 +25,19 @@ pub mod language;
 pub mod output;
 pub mod prompt;
 pub mod schema;
+pub mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::types::{ExtractData, ExtractionType, WireMessage};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, PromptMessage};
 use branch::{Branch, Requested};
 use language::{DetectedLanguage, TemplateLang};
 use output::BranchOutput;
 use prompt::Prompts;
 use schema::OutputLimits;
+use types::{ExtractedItems, ExtractionType, InputMessage, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -66,12 +67,20 @@ pub enum PipelineError {
     Branch { branch: Branch, reason: String },
     #[error("tokenizer failed: {0}")]
     Tokenizer(String),
+    #[error("language detection failed: {0}")]
+    Language(String),
+    #[error("rendering the prompt template {0}")]
+    Template(#[from] prompt::RenderError),
+    /// The blocking task that cleans, detects and renders did not finish (a panic outside
+    /// language detection).
+    #[error("preparing the prompts failed: {0}")]
+    Prepare(String),
 }
 
 /// What a client asked for, after HTTP parsing.
 #[derive(Debug, Clone)]
 pub struct ExtractInput {
-    pub messages: Option<Vec<WireMessage>>,
+    pub messages: Option<Vec<InputMessage>>,
     pub extraction_types: Option<Vec<ExtractionType>>,
 }
 
@@ -97,7 +106,7 @@ impl BranchStats {
 
 #[derive(Debug, Clone)]
 pub struct Extraction {
-    pub data: ExtractData,
+    pub items: ExtractedItems,
     pub input_tokens: usize,
     pub language: &'static str,
     pub branches: Vec<BranchStats>,
@@ -279,8 +288,8 @@ impl Extractor {
     /// instead of every request.
     pub async fn warm_up(&self) -> Result<Duration, PipelineError> {
         let started = std::time::Instant::now();
-        let message = WireMessage {
-            role: crate::api::types::Role::User,
+        let message = InputMessage {
+            role: Role::User,
             content: Some("Hi, I'm Sam and I drink green tea every morning.".into()),
             chat_time: None,
         };
@@ -312,7 +321,7 @@ impl Extractor {
         let limits = self.config.limits;
         let (language, requests) = tokio::task::spawn_blocking(move || {
             let dialogue = clean::clean(input.messages)?;
-            let language = language::detect(&dialogue);
+            let language = detect_language(&dialogue)?;
             let requests = branch::choose(requested, &dialogue)
                 .into_iter()
                 .map(|b| {
@@ -325,7 +334,7 @@ impl Extractor {
             Ok::<_, PipelineError>((language, requests))
         })
         .await
-        .map_err(|e| PipelineError::Tokenizer(format!("preparing the prompts: {e}")))??;
+        .map_err(|e| PipelineError::Prepare(e.to_string()))??;
 
         // The engine tokenizes on a blocking thread (or its own), never on the async workers.
         let counts = futures::future::try_join_all(
@@ -381,27 +390,22 @@ impl Extractor {
         // try_join_all drops (and so cancels) the sibling branches as soon as one fails.
         let results = futures::future::try_join_all(runs).await?;
 
-        let mut data = ExtractData {
-            success: true,
-            memory_detail_list: requested.memory.then(Vec::new),
-            preference_detail_list: requested.preference.then(Vec::new),
+        let mut items = ExtractedItems {
+            memories: requested.memory.then(Vec::new),
+            preferences: requested.preference.then(Vec::new),
         };
         let mut stats = Vec::with_capacity(results.len());
         for (out, s) in results {
             match out {
-                BranchOutput::Memories(m) => data
-                    .memory_detail_list
-                    .get_or_insert_with(Vec::new)
-                    .extend(m),
-                BranchOutput::Preferences(p) => data
-                    .preference_detail_list
-                    .get_or_insert_with(Vec::new)
-                    .extend(p),
+                BranchOutput::Memories(m) => items.memories.get_or_insert_with(Vec::new).extend(m),
+                BranchOutput::Preferences(p) => {
+                    items.preferences.get_or_insert_with(Vec::new).extend(p)
+                }
             }
             stats.push(s);
         }
         Ok(Extraction {
-            data,
+            items,
             input_tokens,
             language: language.name,
             branches: stats,
@@ -411,7 +415,7 @@ impl Extractor {
     /// The engine requests an extraction would make, without running them: what `memex render`
     /// prints, and what the side-by-side benchmark sends to other servers.
     pub fn render(
-        messages: Option<Vec<WireMessage>>,
+        messages: Option<Vec<InputMessage>>,
         extraction_types: Option<&[ExtractionType]>,
         limits: &OutputLimits,
         prompts: &Prompts,
@@ -492,16 +496,24 @@ fn branch_request(
     limits: &OutputLimits,
 ) -> Result<GenerateRequest, PipelineError> {
     let schema = schema::schema_for(branch, limits);
-    let messages = prompts
-        .render(branch, language, dialogue, limits.max_items)
-        .map_err(|e| PipelineError::Branch {
-            branch,
-            reason: format!("prompt template: {e}"),
-        })?;
+    let messages = prompts.render(branch, language, dialogue, limits.max_items)?;
     Ok(GenerateRequest {
         messages,
         max_tokens: schema::worst_case_tokens(&schema),
         schema,
+    })
+}
+
+/// lingua has no error to return: a failure is a panic, caught here so that the request fails
+/// naming language detection rather than as a failed blocking task.
+fn detect_language(dialogue: &clean::Dialogue) -> Result<DetectedLanguage, PipelineError> {
+    std::panic::catch_unwind(|| language::detect(dialogue)).map_err(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panicked".into());
+        PipelineError::Language(reason)
     })
 }
 

@@ -6,8 +6,8 @@
 
 use serde::Deserialize;
 
-use crate::api::types::{MemoryItem, MemoryType, PreferenceItem, PreferenceType};
 use crate::pipeline::branch::Branch;
+use crate::pipeline::types::{MemoryItem, MemoryType, PreferenceItem, PreferenceType};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BranchOutput {
@@ -54,8 +54,8 @@ pub fn parse(branch: Branch, text: &str) -> Result<BranchOutput, String> {
                 .filter_map(|m| {
                     let value = m.value.trim().to_string();
                     (!value.is_empty()).then(|| MemoryItem {
-                        memory_key: m.key.trim().to_string(),
-                        memory_value: value,
+                        key: m.key.trim().to_string(),
+                        value,
                         memory_type: m.memory_type,
                         tags: m
                             .tags
@@ -70,9 +70,9 @@ pub fn parse(branch: Branch, text: &str) -> Result<BranchOutput, String> {
         }
         Branch::ExplicitPreference | Branch::ImplicitPreference => {
             let preference_type = if branch == Branch::ExplicitPreference {
-                PreferenceType::ExplicitPreference
+                PreferenceType::Explicit
             } else {
-                PreferenceType::ImplicitPreference
+                PreferenceType::Implicit
             };
             let out: PreferenceOut = serde_json::from_str(text).map_err(err)?;
             let items = out
@@ -106,8 +106,8 @@ mod tests {
         assert_eq!(
             out,
             BranchOutput::Memories(vec![MemoryItem {
-                memory_key: "Job".into(),
-                memory_value: "The user is a backend developer.".into(),
+                key: "Job".into(),
+                value: "The user is a backend developer.".into(),
                 memory_type: MemoryType::UserMemory,
                 tags: vec!["job".into()],
             }])
@@ -118,14 +118,8 @@ mod tests {
     fn maps_preference_type_from_branch() {
         let text = r#"{"preferences":[{"reasoning":"asked twice","preference":"Short replies"}]}"#;
         for (b, t) in [
-            (
-                Branch::ExplicitPreference,
-                PreferenceType::ExplicitPreference,
-            ),
-            (
-                Branch::ImplicitPreference,
-                PreferenceType::ImplicitPreference,
-            ),
+            (Branch::ExplicitPreference, PreferenceType::Explicit),
+            (Branch::ImplicitPreference, PreferenceType::Implicit),
         ] {
             let BranchOutput::Preferences(p) = parse(b, text).unwrap() else {
                 panic!()

@@ -27,11 +27,11 @@ use anyhow::{bail, Context};
 use minijinja::{context, Environment};
 use serde::Serialize;
 
-use crate::api::types::Role;
 use crate::engine::{PromptMessage, PromptRole};
 use crate::pipeline::branch::Branch;
 use crate::pipeline::clean::{Dialogue, Message};
 use crate::pipeline::language::{DetectedLanguage, TemplateLang};
+use crate::pipeline::types::Role;
 
 /// The templates memex renders, by file name (the names `--templates DIR` may override).
 const TEMPLATES: &[(&str, &str)] = &[
@@ -70,6 +70,15 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// splits a run of line breaks off from the word after it (Qwen2's and GPT-2's rules alike), and
 /// the shared part tokenizes identically in every branch.
 pub const SEPARATOR: &str = "\n\n";
+
+/// A template that failed to render for a request, by its file name: the dialogue and system
+/// templates are shared by every branch, so the branch being rendered does not say which one.
+#[derive(Debug, thiserror::Error)]
+#[error("{template}: {error}")]
+pub struct RenderError {
+    pub template: String,
+    error: minijinja::Error,
+}
 
 pub struct Prompts {
     env: Environment<'static>,
@@ -130,7 +139,7 @@ impl Prompts {
         language: &DetectedLanguage,
         dialogue: &Dialogue,
         max_items: usize,
-    ) -> Result<Vec<PromptMessage>, minijinja::Error> {
+    ) -> Result<Vec<PromptMessage>, RenderError> {
         let lang = language.template.code();
         let ctx = context! { language => language.name, max_items => max_items };
         let system = self.render_one(&format!("system.{lang}.j2"), &ctx)?;
@@ -154,7 +163,7 @@ impl Prompts {
         &self,
         language: &DetectedLanguage,
         dialogue: &Dialogue,
-    ) -> Result<String, minijinja::Error> {
+    ) -> Result<String, RenderError> {
         let messages: Vec<TemplateMessage> = dialogue
             .messages
             .iter()
@@ -170,8 +179,15 @@ impl Prompts {
         Ok(format!("{text}{SEPARATOR}"))
     }
 
-    fn render_one(&self, name: &str, ctx: &minijinja::Value) -> Result<String, minijinja::Error> {
-        let text = self.env.get_template(name)?.render(ctx)?;
+    fn render_one(&self, name: &str, ctx: &minijinja::Value) -> Result<String, RenderError> {
+        let text = self
+            .env
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+            .map_err(|error| RenderError {
+                template: name.to_string(),
+                error,
+            })?;
         Ok(text.trim().to_string())
     }
 
@@ -453,6 +469,22 @@ mod tests {
             memory[0],
             builtin.render(Branch::Memory, &l, &dialogue(), 5).unwrap()[0]
         );
+    }
+
+    /// A template that passes the start-up check can still fail on a request's dialogue: the
+    /// error names the template that failed, not the branch being rendered.
+    #[test]
+    fn a_render_failure_names_the_template() {
+        let dir = folder(&[(
+            "dialogue.en.j2",
+            "{% for m in messages %}{{ m.content }}\n{% endfor %}\
+             {% if messages|length > 1 %}{{ not_given }}{% endif %}",
+        )]);
+        let p = Prompts::new(Some(dir.path())).unwrap();
+        let l = lang(TemplateLang::En, "English");
+        let e = p.render(Branch::Memory, &l, &dialogue(), 3).unwrap_err();
+        assert_eq!(e.template, "dialogue.en.j2");
+        assert!(e.to_string().starts_with("dialogue.en.j2: "), "{e}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::bpe::FastBpe;
-use crate::engine::{PromptMessage, PromptRole};
+use crate::engine::PromptMessage;
 
 /// Text to token ids: our [`FastBpe`] when the tokenizer has a shape it implements (the same ids,
 /// several times faster), `tokenizers` otherwise.
@@ -203,10 +203,7 @@ impl ChatTemplate {
             .iter()
             .zip(&markers)
             .map(|(m, marker)| TemplateMessage {
-                role: match m.role {
-                    PromptRole::System => "system",
-                    PromptRole::User => "user",
-                },
+                role: m.role.as_str(),
                 content: marker,
             })
             .collect();
@@ -417,6 +414,7 @@ pub(super) fn pre_tokenizer(pre: &str) -> anyhow::Result<(bool, tokenizers::PreT
 mod tests {
     use super::*;
     use crate::engine::native::bpe::tests::{corpus, fuzz, tricky};
+    use crate::engine::PromptRole;
 
     /// The tokenizer a bare GGUF gives, and the model's own `tokenizer.json` when we have it.
     fn gguf_and_reference(
