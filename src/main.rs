@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Extract(args) => {
-            memex::telemetry::init_with(false, "warn");
+            memex::telemetry::init_offline();
             match memex::batch::run(args).await {
                 // Interrupted: the output is whole, but lines are left for a re-run (128 + SIGINT).
                 Ok(memex::batch::Finish::Interrupted) => return std::process::ExitCode::from(130),
@@ -16,7 +16,7 @@ async fn main() -> std::process::ExitCode {
             }
         }
         Command::Eval(args) => {
-            memex::telemetry::init_with(false, "warn");
+            memex::telemetry::init_offline();
             memex::eval::run(args).await.map(drop)
         }
         Command::Render { templates } => render(templates.as_deref()),

@@ -12,15 +12,9 @@ use tracing_subscriber::EnvFilter;
 
 pub use metrics::{Metrics, Rejection};
 
+/// The server's logs: to stdout, where a container's logs are collected.
 pub fn init(json: bool) {
-    init_with(json, "info,mistralrs_core=warn,mistralrs=warn");
-}
-
-/// Logging with another filter when `RUST_LOG` is unset: the offline commands log warnings only,
-/// so that their progress and report are not buried.
-pub fn init_with(json: bool, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = env_filter("info,mistralrs_core=warn,mistralrs=warn");
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // A second init (tests start several servers in one process) is not an error.
     let _ = if json {
@@ -28,4 +22,18 @@ pub fn init_with(json: bool, default_filter: &str) {
     } else {
         builder.try_init()
     };
+}
+
+/// The offline commands' logs: warnings only unless `RUST_LOG` says otherwise, so that their
+/// progress and report are not buried, and to stderr, because their stdout may be the data
+/// (`memex eval --json > report.json`, `memex extract -o -`).
+pub fn init_offline() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env_filter("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn env_filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
 }
