@@ -7,6 +7,8 @@ x-prompt-tokens, x-cached-prompt-tokens and what the engine computed. The counts
 the machine; the seconds do. Standard library only.
 
     scripts/prefill-tokens.py [--binary PATH] [--port 9511] [--sizes 400,1000]
+    scripts/prefill-tokens.py --model .cache/models/qwen2.5-0.5b/qwen2.5-0.5b.Q8_0.gguf \
+        --max-input-tokens 8000 --sizes 150,1000,4000   # a longer-context model
 """
 import argparse
 import json
@@ -18,15 +20,17 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo_limits():
-    """scripts/demo-limits.env as `memex serve` flags: MEMEX_MAX_TEXT_CHARS=120 -> --max-text-chars 120."""
+def demo_limits(overrides):
+    """scripts/demo-limits.env as `memex serve` flags (MEMEX_MAX_TEXT_CHARS=120 ->
+    --max-text-chars 120), with `overrides` ({flag: value}) replacing their values."""
     flags = []
     with open(os.path.join(ROOT, "scripts", "demo-limits.env")) as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
                 name, value = line.split("=", 1)
-                flags += ["--" + name.removeprefix("MEMEX_").lower().replace("_", "-"), value]
+                flag = "--" + name.removeprefix("MEMEX_").lower().replace("_", "-")
+                flags += [flag, str(overrides.get(flag, value))]
     return flags
 
 
@@ -36,12 +40,14 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--port", default="9511")
     ap.add_argument("--sizes", default="400,1000")
+    ap.add_argument("--max-input-tokens", type=int,
+                    help="instead of the demo's 4,000 (a model with a longer context than SmolLM2's)")
     ap.add_argument("--no-deadline-flag", dest="deadline_flag", action="store_false",
                     help="for a binary older than --request-timeout")
     args = ap.parse_args()
     server = subprocess.Popen(
         [args.binary, "serve", "--model", args.model, "--no-auth", "--port", args.port,
-         *demo_limits(), *(["--request-timeout", "900"] if args.deadline_flag else [])],
+         *demo_limits({"--max-input-tokens": args.max_input_tokens} if args.max_input_tokens else {}), *(["--request-timeout", "900"] if args.deadline_flag else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{args.port}"
     try:
