@@ -108,6 +108,180 @@ fn f32_vec(t: &Tensor) -> anyhow::Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
+/// What a checkpoint format calls the tensors of a layer: layer `i`'s tensors are
+/// `{prefix}.{i}.{part}.weight` (and `.bias`).
+struct LayerNames {
+    prefix: &'static str,
+    attn_norm: &'static str,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    o: &'static str,
+    /// Qwen3 only.
+    q_norm: &'static str,
+    /// Qwen3 only.
+    k_norm: &'static str,
+    ffn_norm: &'static str,
+    gate: &'static str,
+    up: &'static str,
+    down: &'static str,
+}
+
+/// GGUF (`blk.N.attn_q.weight`).
+const GGUF_NAMES: LayerNames = LayerNames {
+    prefix: "blk",
+    attn_norm: "attn_norm",
+    q: "attn_q",
+    k: "attn_k",
+    v: "attn_v",
+    o: "attn_output",
+    q_norm: "attn_q_norm",
+    k_norm: "attn_k_norm",
+    ffn_norm: "ffn_norm",
+    gate: "ffn_gate",
+    up: "ffn_up",
+    down: "ffn_down",
+};
+
+/// Hugging Face safetensors (`model.layers.N.self_attn.q_proj.weight`).
+const HF_NAMES: LayerNames = LayerNames {
+    prefix: "model.layers",
+    attn_norm: "input_layernorm",
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    o: "self_attn.o_proj",
+    q_norm: "self_attn.q_norm",
+    k_norm: "self_attn.k_norm",
+    ffn_norm: "post_attention_layernorm",
+    gate: "mlp.gate_proj",
+    up: "mlp.up_proj",
+    down: "mlp.down_proj",
+};
+
+/// A checkpoint's tensors, fetched by name as what a layer is built from.
+trait LayerSource {
+    const NAMES: LayerNames;
+    /// `{name}.weight`, with `{name}.bias` when `bias`, as a linear layer.
+    fn linear(&mut self, name: &str, bias: bool) -> anyhow::Result<Linear>;
+    /// `{name}.weight` as f32 values (a norm's scales).
+    fn vector(&mut self, name: &str) -> anyhow::Result<Vec<f32>>;
+}
+
+/// Layer `i` of any format: the one place the layer's structure is written down.
+fn load_layer<S: LayerSource>(src: &mut S, arch: Arch, i: usize) -> anyhow::Result<Layer> {
+    let names = &S::NAMES;
+    let p = format!("{}.{i}", names.prefix);
+    let name = |part: &str| format!("{p}.{part}");
+    let qkv_bias = arch == Arch::Qwen2;
+    let q = src.linear(&name(names.q), qkv_bias)?;
+    let k = src.linear(&name(names.k), qkv_bias)?;
+    let v = src.linear(&name(names.v), qkv_bias)?;
+    let o = src.linear(&name(names.o), false)?;
+    let gate = src.linear(&name(names.gate), false)?;
+    let up = src.linear(&name(names.up), false)?;
+    let down = src.linear(&name(names.down), false)?;
+    let (q_norm, k_norm) = if arch == Arch::Qwen3 {
+        (
+            Some(src.vector(&name(names.q_norm))?),
+            Some(src.vector(&name(names.k_norm))?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Layer {
+        attn_norm: src.vector(&name(names.attn_norm))?,
+        ffn_norm: src.vector(&name(names.ffn_norm))?,
+        qkv: Group::new(vec![q, k, v]),
+        o,
+        q_norm,
+        k_norm,
+        gate_up: Group::new(vec![gate, up]),
+        down,
+    })
+}
+
+/// A GGUF file's tensors: block types stay quantized, norms and biases are dequantized.
+struct Gguf<'a> {
+    content: &'a gguf_file::Content,
+    file: File,
+    dev: Device,
+}
+
+impl Gguf<'_> {
+    fn tensor(&mut self, name: &str) -> anyhow::Result<QTensor> {
+        self.content
+            .tensor(&mut self.file, name, &self.dev)
+            .map_err(|e| anyhow!("GGUF tensor {name}: {e}"))
+    }
+
+    /// `name` dequantized to f32 values.
+    fn f32s(&mut self, name: &str) -> anyhow::Result<Vec<f32>> {
+        f32_vec(&self.tensor(name)?.dequantize(&self.dev)?)
+    }
+}
+
+impl LayerSource for Gguf<'_> {
+    const NAMES: LayerNames = GGUF_NAMES;
+
+    fn linear(&mut self, name: &str, bias: bool) -> anyhow::Result<Linear> {
+        let b = if bias {
+            Some(self.f32s(&format!("{name}.bias"))?)
+        } else {
+            None
+        };
+        Linear::from_qtensor(&self.tensor(&format!("{name}.weight"))?, b)
+    }
+
+    fn vector(&mut self, name: &str) -> anyhow::Result<Vec<f32>> {
+        self.f32s(&format!("{name}.weight"))
+    }
+}
+
+/// A safetensors checkpoint's tensors, as f32; with `quantize`, each linear layer is quantized
+/// as it is taken.
+struct Safetensors {
+    tensors: HashMap<String, Tensor>,
+    quantize: Option<GgmlDType>,
+}
+
+impl Safetensors {
+    fn take(&mut self, name: &str) -> anyhow::Result<Tensor> {
+        Ok(self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| anyhow!("weights lack {name}"))?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Block types need whole blocks per row; a layer whose width is not (a test model's) stays
+    /// dense.
+    fn quantized(&self, l: Linear) -> anyhow::Result<Linear> {
+        match self.quantize {
+            Some(t) if l.k.is_multiple_of(t.block_size()) => l.quantized(t),
+            _ => Ok(l),
+        }
+    }
+}
+
+impl LayerSource for Safetensors {
+    const NAMES: LayerNames = HF_NAMES;
+
+    fn linear(&mut self, name: &str, bias: bool) -> anyhow::Result<Linear> {
+        let b = if bias {
+            Some(f32_vec(&self.take(&format!("{name}.bias"))?)?)
+        } else {
+            None
+        };
+        let l = Linear::dense(self.take(&format!("{name}.weight"))?, b)?;
+        self.quantized(l)
+    }
+
+    fn vector(&mut self, name: &str) -> anyhow::Result<Vec<f32>> {
+        f32_vec(&self.take(&format!("{name}.weight"))?)
+    }
+}
+
 impl Weights {
     pub(crate) fn from_gguf(path: &Path) -> anyhow::Result<(Self, gguf_file::Content)> {
         let dev = Device::Cpu;
@@ -134,15 +308,15 @@ impl Weights {
         let head_dim = get("attention.key_length")
             .and_then(|v| Ok(v.to_u32()? as usize))
             .unwrap_or(hidden / heads);
-        let mut tensor = |name: &str| -> anyhow::Result<QTensor> {
-            content
-                .tensor(&mut file, name, &dev)
-                .map_err(|e| anyhow!("GGUF tensor {name}: {e}"))
+        let mut src = Gguf {
+            content: &content,
+            file,
+            dev: dev.clone(),
         };
-        let embed_q = tensor("token_embd.weight")?;
+        let embed_q = src.tensor("token_embd.weight")?;
         let vocab = embed_q.shape().dims()[0];
         let embed = f16_vec(&embed_q.dequantize(&dev)?)?;
-        let lm_head = match tensor("output.weight") {
+        let lm_head = match src.tensor("output.weight") {
             Ok(t) => Linear::from_qtensor(&t, None)?,
             Err(_) => Linear::from_qtensor(&embed_q, None)?,
         };
@@ -160,47 +334,10 @@ impl Weights {
             max_positions: get("context_length")?.to_u32()? as usize,
             rope_interleaved: arch == Arch::Llama,
         };
-        let mut layers = Vec::with_capacity(config.layers);
-        for i in 0..config.layers {
-            let p = format!("blk.{i}");
-            let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
-                let b = if bias {
-                    Some(f32_vec(
-                        &tensor(&format!("{p}.{name}.bias"))?.dequantize(&dev)?,
-                    )?)
-                } else {
-                    None
-                };
-                Linear::from_qtensor(&tensor(&format!("{p}.{name}.weight"))?, b)
-            };
-            let qkv_bias = arch == Arch::Qwen2;
-            let q = lin("attn_q", qkv_bias)?;
-            let k = lin("attn_k", qkv_bias)?;
-            let v = lin("attn_v", qkv_bias)?;
-            let o = lin("attn_output", false)?;
-            let gate = lin("ffn_gate", false)?;
-            let up = lin("ffn_up", false)?;
-            let down = lin("ffn_down", false)?;
-            let mut dense = |name: &str| -> anyhow::Result<Vec<f32>> {
-                f32_vec(&tensor(&format!("{p}.{name}.weight"))?.dequantize(&dev)?)
-            };
-            let (q_norm, k_norm) = if arch == Arch::Qwen3 {
-                (Some(dense("attn_q_norm")?), Some(dense("attn_k_norm")?))
-            } else {
-                (None, None)
-            };
-            layers.push(Layer {
-                attn_norm: dense("attn_norm")?,
-                ffn_norm: dense("ffn_norm")?,
-                qkv: Group::new(vec![q, k, v]),
-                o,
-                q_norm,
-                k_norm,
-                gate_up: Group::new(vec![gate, up]),
-                down,
-            });
-        }
-        let norm = f32_vec(&tensor("output_norm.weight")?.dequantize(&dev)?)?;
+        let layers = (0..config.layers)
+            .map(|i| load_layer(&mut src, arch, i))
+            .collect::<anyhow::Result<_>>()?;
+        let norm = src.vector("output_norm")?;
         Ok((
             Self {
                 config,
@@ -257,64 +394,17 @@ impl Weights {
                 tensors.extend(candle_core::safetensors::load(&path, &dev)?);
             }
         }
-        let mut take = |name: &str| -> anyhow::Result<Tensor> {
-            Ok(tensors
-                .remove(name)
-                .ok_or_else(|| anyhow!("weights lack {name}"))?
-                .to_dtype(DType::F32)?)
-        };
-        // Block types need whole blocks per row; a layer whose width is not (a test model's)
-        // stays dense.
-        let quantized = |l: Linear| -> anyhow::Result<Linear> {
-            match quantize {
-                Some(t) if l.k.is_multiple_of(t.block_size()) => l.quantized(t),
-                _ => Ok(l),
-            }
-        };
-        let embed = take("model.embed_tokens.weight")?;
-        let mut layers = Vec::with_capacity(config.layers);
-        for i in 0..config.layers {
-            let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
-                let b = if bias {
-                    Some(f32_vec(&take(&format!("{p}.{name}.bias"))?)?)
-                } else {
-                    None
-                };
-                quantized(Linear::dense(take(&format!("{p}.{name}.weight"))?, b)?)
-            };
-            let qkv_bias = arch == Arch::Qwen2;
-            let q = lin("self_attn.q_proj", qkv_bias)?;
-            let k = lin("self_attn.k_proj", qkv_bias)?;
-            let v = lin("self_attn.v_proj", qkv_bias)?;
-            let o = lin("self_attn.o_proj", false)?;
-            let gate = lin("mlp.gate_proj", false)?;
-            let up = lin("mlp.up_proj", false)?;
-            let down = lin("mlp.down_proj", false)?;
-            let (q_norm, k_norm) = if arch == Arch::Qwen3 {
-                (
-                    Some(f32_vec(&take(&format!("{p}.self_attn.q_norm.weight"))?)?),
-                    Some(f32_vec(&take(&format!("{p}.self_attn.k_norm.weight"))?)?),
-                )
-            } else {
-                (None, None)
-            };
-            layers.push(Layer {
-                attn_norm: f32_vec(&take(&format!("{p}.input_layernorm.weight"))?)?,
-                ffn_norm: f32_vec(&take(&format!("{p}.post_attention_layernorm.weight"))?)?,
-                qkv: Group::new(vec![q, k, v]),
-                o,
-                q_norm,
-                k_norm,
-                gate_up: Group::new(vec![gate, up]),
-                down,
-            });
-        }
-        let norm = f32_vec(&take("model.norm.weight")?)?;
-        let lm_head = quantized(match take("lm_head.weight") {
+        let mut src = Safetensors { tensors, quantize };
+        let embed = src.take("model.embed_tokens.weight")?;
+        let layers = (0..config.layers)
+            .map(|i| load_layer(&mut src, arch, i))
+            .collect::<anyhow::Result<_>>()?;
+        let norm = src.vector("model.norm")?;
+        let lm_head = match src.take("lm_head.weight") {
             Ok(w) => Linear::dense(w, None)?,
             Err(_) => Linear::dense(embed.clone(), None)?,
-        })?;
+        };
+        let lm_head = src.quantized(lm_head)?;
         Ok(Self {
             config,
             embed: f16_vec(&embed)?,

@@ -1,0 +1,189 @@
+//! The quantized matmul around the block kernels: a step's activations quantized to 8 bits in
+//! blocks of `QK` (`Acts`), and the driver that runs a block type's dot products over tiles of
+//! weight rows and activation rows, in parallel over ranges of weight rows (`by_weight_rows`,
+//! which candle's block types share).
+
+use rayon::prelude::*;
+
+use super::blocks::Block;
+use super::QK;
+
+/// 32 activation values of a block, as `d * qs[i]` (`d` is in the row's `ds`): one aligned
+/// load. The values sit apart from their scales so that a row's blocks are dense: with the
+/// scales inside, a block took a whole 64-byte line (aligned) or most loads crossed a line
+/// (40 bytes unaligned), and a 16-row activation tile of a 896-wide input no longer fitted L1
+/// beside the streaming weights.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(super) struct ActValues(pub(super) [i8; QK]);
+
+/// One quantized activation row: block `b` is `ds[b][0] * qs[b]`, and `ds[b][1]` is
+/// `ds[b][0] * Σ qs[b]` (what an offset or a min multiplies).
+#[derive(Clone, Copy)]
+pub(super) struct ActRow<'a> {
+    pub(super) qs: &'a [ActValues],
+    pub(super) ds: &'a [[f32; 2]],
+}
+
+/// A step's activations quantized in blocks of `QK`, row after row.
+struct Acts {
+    qs: Vec<ActValues>,
+    ds: Vec<[f32; 2]>,
+    /// Blocks per row.
+    kb: usize,
+}
+
+impl Acts {
+    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        let kb = k / QK;
+        let mut qs = vec![ActValues([0; QK]); m * kb];
+        let mut ds = vec![[0f32; 2]; m * kb];
+        if m >= 16 {
+            qs.par_chunks_mut(kb)
+                .zip(ds.par_chunks_mut(kb))
+                .zip(x.par_chunks(k))
+                .for_each(|((q, d), x)| quantize_row(x, q, d));
+        } else {
+            for ((q, d), x) in qs.chunks_mut(kb).zip(ds.chunks_mut(kb)).zip(x.chunks(k)) {
+                quantize_row(x, q, d);
+            }
+        }
+        Self { qs, ds, kb }
+    }
+
+    fn row(&self, r: usize) -> ActRow<'_> {
+        let b = r * self.kb..(r + 1) * self.kb;
+        ActRow {
+            qs: &self.qs[b.clone()],
+            ds: &self.ds[b],
+        }
+    }
+}
+
+fn quantize_row(x: &[f32], qs: &mut [ActValues], ds: &mut [[f32; 2]]) {
+    for ((b, d), xs) in qs.iter_mut().zip(ds).zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.0.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        *d = [scale, scale * sum as f32];
+    }
+}
+
+/// Weight rows per parallel task: enough work to amortise the dispatch, enough tasks to balance.
+fn rows_per_task(n: usize, m: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_balance = n.div_ceil(threads * 4);
+    // Small batches: bigger tasks (dispatch costs more than the work); large ones: smaller.
+    let floor = if m <= 4 { 32 } else { 8 };
+    by_balance.max(floor).min(n.max(1))
+}
+
+/// `y[m, n] = x[m, k] · W[n, k]ᵀ` for one of our block types.
+pub(super) fn quantized_rows<B: Block>(
+    w: &[B],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
+    let acts = Acts::quantize(x, m, k);
+    let wb = acts.kb / B::ACTS;
+    // Activation rows in tiles small enough to stay in L1 beside the weight rows streaming past,
+    // against weight rows in tiles that stay in L2 while every activation tile passes: without
+    // the first a 300-row prefill ran at half the speed of a 16-row one; without the second each
+    // activation tile streamed the task's weights (0.75 MB for Qwen2.5-0.5B's gate/up) from L3
+    // again.
+    let rows_per_w_tile = (W_TILE_BYTES / (wb * std::mem::size_of::<B>()).max(1)).max(1);
+    let act_block_bytes = std::mem::size_of::<ActValues>() + std::mem::size_of::<[f32; 2]>();
+    let row_tile = (A_TILE_BYTES / (acts.kb * act_block_bytes).max(1)).clamp(8, 32) / 8 * 8;
+    by_weight_rows(m, n, |cols, out| {
+        for w0 in cols.clone().step_by(rows_per_w_tile) {
+            let w1 = (w0 + rows_per_w_tile).min(cols.end);
+            for r0 in (0..m).step_by(row_tile) {
+                let r1 = (r0 + row_tile).min(m);
+                for j in w0..w1 {
+                    let wrow = &w[j * wb..(j + 1) * wb];
+                    let mut r = r0;
+                    while r + 8 <= r1 {
+                        let v = B::dot8(wrow, std::array::from_fn(|i| acts.row(r + i)));
+                        out.put(r, j, &v);
+                        r += 8;
+                    }
+                    while r + 4 <= r1 {
+                        let v = B::dot4(wrow, std::array::from_fn(|i| acts.row(r + i)));
+                        out.put(r, j, &v);
+                        r += 4;
+                    }
+                    for r in r..r1 {
+                        out.put(r, j, &[B::dot(wrow, acts.row(r))]);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Weight bytes per tile: a quarter of this machine's 512 KiB L2 per core.
+const W_TILE_BYTES: usize = 128 << 10;
+/// Activation bytes per tile, rounded down to whole 8-row groups: 16 rows of a 896-wide input
+/// (16 KiB) stay in a 32 KiB L1 while weight rows stream past. Measured on Qwen2.5-0.5B
+/// `Q4_K_M` prefill: 32-row tiles of 40-byte blocks 61 tok/s; 8 rows per weight decode instead
+/// of 4, 72; aligned 64-byte blocks, 79; 16-row tiles, 81; values apart from scales (36 bytes a
+/// block), see `docs/performance.md`.
+const A_TILE_BYTES: usize = 16 << 10;
+
+/// The `[m, n]` output of one task of [`by_weight_rows`]: it may write only its own columns.
+pub(super) struct Columns {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+}
+
+impl Columns {
+    /// Outputs `(r, j)`, `(r + 1, j)`, ...: consecutive rows of column `j`.
+    #[inline]
+    pub(super) fn put(&self, r: usize, j: usize, v: &[f32]) {
+        assert!(self.cols.contains(&j) && r + v.len() <= self.m);
+        for (i, &v) in v.iter().enumerate() {
+            // SAFETY: in bounds (checked above), and column `j` belongs to this task alone: the
+            // tasks' column ranges are disjoint and the output outlives them.
+            unsafe { *self.ptr.add((r + i) * self.n + j) = v };
+        }
+    }
+}
+
+/// The output pointer shared by the tasks of [`by_weight_rows`], each writing its own columns.
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint columns (see `Columns::put`).
+unsafe impl Sync for SharedOut {}
+
+/// Runs `f(columns, out)` in parallel over ranges of weight rows (output columns); each task
+/// writes the `m` outputs of its columns straight into the `[m, n]` result. (Computing `[n, m]`
+/// and transposing cost 7% of a 1,600-token prefill on Qwen2.5-0.5B.)
+pub(super) fn by_weight_rows(
+    m: usize,
+    n: usize,
+    f: impl Fn(std::ops::Range<usize>, &Columns) + Sync,
+) -> Vec<f32> {
+    let per_task = rows_per_task(n, m);
+    let mut y = vec![0f32; m * n];
+    let out = SharedOut(y.as_mut_ptr());
+    let out = &out;
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let cols = t * per_task..((t + 1) * per_task).min(n);
+        let columns = Columns {
+            ptr: out.0,
+            m,
+            n,
+            cols: cols.clone(),
+        };
+        f(cols, &columns)
+    });
+    y
+}
