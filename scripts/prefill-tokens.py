@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prompt tokens one three-branch request makes the engine compute, per dialogue size.
+"""Prompt tokens one request (three branches, or `--types`) makes the engine compute, per dialogue size.
 
 Starts `memex serve` (BINARY) on SmolLM2 with scripts/serve-demo.sh's output limits, sends one
 English corpus dialogue of each size class (tagged, so that no cache has seen it), and prints
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--port", default="9511")
     ap.add_argument("--sizes", default="400,1000")
+    ap.add_argument("--types", help="extraction_types, comma-separated (default: both, three branches)")
     ap.add_argument("--max-input-tokens", type=int,
                     help="instead of the demo's 4,000 (a model with a longer context than SmolLM2's)")
     ap.add_argument("--no-deadline-flag", dest="deadline_flag", action="store_false",
@@ -62,8 +63,11 @@ def main():
             dialogue = next(d for d in corpus if d["size"] == size)
             messages = [dict(m) for m in dialogue["messages"]]
             messages[0]["content"] = f"[prefill-{time.time_ns()}] " + messages[0]["content"]
+            body = {"messages": messages}
+            if args.types:
+                body["extraction_types"] = args.types.split(",")
             request = urllib.request.Request(
-                base + "/extract/memory", data=json.dumps({"messages": messages}).encode(),
+                base + "/extract/memory", data=json.dumps(body).encode(),
                 headers={"content-type": "application/json"})
             started = time.time()
             h = urllib.request.urlopen(request, timeout=900).headers

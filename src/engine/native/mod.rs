@@ -108,7 +108,7 @@ impl Quantize {
 /// Where the native engine runs its forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NativeDevice {
-    /// Our CPU kernels over a host KV pool (`model`).
+    /// Our CPU kernels over a host KV pool (`host_model`).
     Cpu,
     /// candle tensor ops on the first CUDA GPU, bf16 (`tensor_model`); needs a `cuda` build.
     Cuda,
