@@ -13,7 +13,9 @@
 //! (rounds per level, median kept; default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
 //! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_MODELS` (more
 //! models: `name=path[@tokenizer dir],...`, GGUF files or safetensors directories),
-//! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_DECODE_ONLY=1`
+//! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_GATHER_DECODE=1`
+//! (the tensor path's reference decode attention instead of the paged op),
+//! `MEMEX_BENCH_DECODE_ONLY=1`
 //! (skip the prefill rounds), `MEMEX_BENCH_LLAMA` (a
 //! `llama-server` binary: GGUF models are then also run there, one server after the other, with
 //! `MEMEX_BENCH_THREADS` threads, default all), `MEMEX_BENCH_OUT` (also write the results as JSON
@@ -76,6 +78,7 @@ async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
                 ),
                 Err(_) => None,
             },
+            gather_decode: std::env::var("MEMEX_BENCH_GATHER_DECODE").is_ok_and(|v| v == "1"),
             ..NativeOptions::default()
         },
     )
@@ -98,7 +101,9 @@ fn engine_label() -> String {
         Ok(d) if engine == "native" => {
             use clap::ValueEnum;
             let name = d.to_possible_value().map(|v| v.get_name().to_string());
-            format!("native/{}", name.unwrap_or_default())
+            let gather = std::env::var("MEMEX_BENCH_GATHER_DECODE").is_ok_and(|v| v == "1");
+            let gather = if gather { "+gather" } else { "" };
+            format!("native/{}{gather}", name.unwrap_or_default())
         }
         _ => engine,
     }

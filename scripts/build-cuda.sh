@@ -7,6 +7,11 @@
 #
 #   scripts/build-cuda.sh                 # -> $CARGO_TARGET_DIR/release/memex (CUDA build)
 #   CUDA_COMPUTE_CAP=90 FLASH_ATTN=1 scripts/build-cuda.sh
+#   scripts/build-cuda.sh test --release --no-run --features native-cuda --lib   # any cargo command
+#
+# With arguments, they are the cargo command to run in the CUDA environment (scripts/gpu-kit.sh
+# builds the kit's binaries that way); without, `build --release --locked --bin memex --features
+# cuda`.
 #
 # Environment: CUDA_COMPUTE_CAP (default 90, Hopper), FLASH_ATTN=1 (adds the flash-attn feature),
 # CARGO_TARGET_DIR (default /var/tmp/memex-cuda-target: a cold build compiles every CUDA kernel
@@ -41,20 +46,26 @@ for lib in "$cuda"/lib/lib*.so.*; do
     ln -sf "$lib" "$links/${name%%.so.*}.so"
 done
 export LIBRARY_PATH="$links${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export RUSTFLAGS="${RUSTFLAGS:-} -L native=$links"
+# RUSTFLAGS replaces .cargo/config.toml's build.rustflags, so it repeats its target-cpu (the CPU
+# kernels' AVX2/FMA) beside the search path.
+export RUSTFLAGS="${RUSTFLAGS:-} -C target-cpu=x86-64-v3 -L native=$links"
 
 features=cuda
 [[ "${FLASH_ATTN:-0}" == 1 ]] && features="cuda,flash-attn"
 
+if [[ $# -gt 0 ]]; then
+    command=("$@")
+else
+    command=(build --release --locked --bin memex --features "$features")
+fi
 build() {
-    cargo build --release --locked --bin memex --features "$features"
+    cargo "${command[@]}"
 }
 
 # 3. First attempt. Without the driver library only the final link can fail: make the stub
 #    from the `cu*` driver symbols the objects leave undefined, and link again.
 log="$(mktemp)"
 if build 2>&1 | tee "$log"; then
-    echo "built $CARGO_TARGET_DIR/release/memex"
     exit 0
 fi
 # GNU ld and rust-lld word it differently.
@@ -75,4 +86,3 @@ grep -c "return 999" "$stub_src" | sed 's/^/driver symbols stubbed: /'
 # The soname the driver installs everywhere (a bare libcuda.so link is not always there).
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$stub_src"
 build
-echo "built $CARGO_TARGET_DIR/release/memex"

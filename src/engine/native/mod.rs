@@ -27,6 +27,7 @@ mod host_model;
 mod kv_cache;
 mod linear;
 mod math;
+mod paged_attention;
 mod sampler;
 mod scheduler;
 mod sequence;
@@ -75,6 +76,9 @@ pub struct NativeOptions {
     /// What a safetensors checkpoint's linear layers become at load; `None`: the device's
     /// default (`q8_0` on the CPU, the checkpoint's own precision on a GPU).
     pub quantize: Option<Quantize>,
+    /// The tensor path's decode rows copy their keys out of the pool (the reference) instead of
+    /// reading them in place (`paged_attention`): for the benches to compare the two.
+    pub gather_decode: bool,
     /// Counters the step loop updates, read by `/metrics`.
     pub stats: Arc<EngineCounters>,
     /// Fault injection for tests of a dying engine: the engine thread panics when it takes
@@ -118,7 +122,7 @@ pub enum NativeDevice {
 }
 
 impl NativeDevice {
-    pub const DEFAULT: Self = if cfg!(feature = "cuda") {
+    pub const DEFAULT: Self = if cfg!(feature = "native-cuda") {
         Self::Cuda
     } else {
         Self::Cpu
@@ -139,6 +143,7 @@ impl Default for NativeOptions {
             prefix_cache: true,
             device: NativeDevice::DEFAULT,
             quantize: None,
+            gather_decode: false,
             stats: Arc::default(),
             panic_at_submission: None,
         }
@@ -222,7 +227,10 @@ impl NativeEngine {
                     (candle_core::Device::Cpu, candle_core::DType::F32)
                 };
                 let blocks = pool_blocks(&config, opts.kv_cache_bytes, dtype.size_in_bytes());
-                let m = tensor_model::TensorModel::new(&weights, &dev, dtype, blocks)?;
+                let mut m = tensor_model::TensorModel::new(&weights, &dev, dtype, blocks)?;
+                if opts.gather_decode {
+                    m = m.with_decode_attention(tensor_model::DecodeAttention::Gather);
+                }
                 drop(weights);
                 (Box::new(m), blocks)
             }

@@ -8,12 +8,12 @@
 //! on machines without a GPU: the tests compare its logits with `host_model`'s.
 //!
 //! As in `host_model`, the linear layers run once for the whole flattened step, whatever the mix of
-//! prefill chunks and decode tokens. Attention reads keys and values through the block tables
-//! (`index_select` of the slots): all decode rows of a step together, padded to the longest
-//! context and masked, so a decode step costs the same dozen ops per layer at any batch size;
-//! each prefill chunk alone, under a causal mask. The paged-attention kernels of
-//! `mistralrs-paged-attn` would read the blocks in place instead of gathering them, but they exist
-//! only in CUDA builds and so could not be run here.
+//! prefill chunks and decode tokens. All decode rows of a step are attended by one op per layer
+//! that reads the KV pool in place through their block tables (`paged_attention`: our kernel on
+//! CUDA, its CPU twin here), so a decode step costs the same few ops per layer at any batch size
+//! and copies no keys. The reference it is tested against, `DecodeAttention::Gather`, copies the
+//! rows' slots out of the pool (`index_select`) into a padded, masked batch first. Each prefill
+//! chunk is attended alone, gathered, under a causal mask.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use super::host_model::rope_tables;
 use super::kv_cache::{slot, BLOCK_SIZE};
 use super::linear::{CandleWeight, Group, Linear};
+use super::paged_attention;
 use super::step::{ForwardPass, Run, Step, StepLogits};
 use super::weights::{Config, Weights};
 
@@ -40,6 +41,17 @@ pub(crate) struct TensorModel {
     /// Per layer, `[slot, kv_heads * head_dim]` with `slot = block * BLOCK_SIZE + offset`.
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    decode_attention: DecodeAttention,
+}
+
+/// How a step's decode rows read the KV pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecodeAttention {
+    /// In place, through the block tables (`paged_attention`): the default wherever the head
+    /// layout fits the kernel.
+    Paged,
+    /// Copied out of the pool into a padded batch first: the reference.
+    Gather,
 }
 
 struct TensorLayer {
@@ -156,12 +168,20 @@ struct Chunk {
 struct Decode {
     /// Their rows in the step.
     rows: Tensor,
-    /// `[batch * keys]`: each run's slots for positions `0..keys`, padded past its own end.
-    gather: Tensor,
-    /// `[batch, 1, keys]` f32, added to the scores: 0, or -inf where a position is padding.
-    pad: Tensor,
     batch: usize,
-    keys: usize,
+    reads: DecodeReads,
+}
+
+enum DecodeReads {
+    /// `paged_attention::meta`: context lengths and block tables.
+    Paged { meta: Tensor },
+    Gather {
+        /// `[batch * keys]`: each run's slots for positions `0..keys`, padded past its own end.
+        gather: Tensor,
+        /// `[batch, 1, keys]` f32, added to the scores: 0, or -inf where a position is padding.
+        pad: Tensor,
+        keys: usize,
+    },
 }
 
 impl ForwardPass for TensorModel {
@@ -220,10 +240,26 @@ impl TensorModel {
             positions,
             k: (0..c.layers).map(|_| pool()).collect::<Result<_>>()?,
             v: (0..c.layers).map(|_| pool()).collect::<Result<_>>()?,
+            decode_attention: if paged_attention::supports(c.heads, c.kv_heads, c.head_dim) {
+                DecodeAttention::Paged
+            } else {
+                DecodeAttention::Gather
+            },
             config: c,
             dev: dev.clone(),
             dtype,
         })
+    }
+
+    /// Selects how decode rows read the pool (the tests and the engine bench compare the two).
+    pub(crate) fn with_decode_attention(mut self, how: DecodeAttention) -> Self {
+        let c = &self.config;
+        if how == DecodeAttention::Gather
+            || paged_attention::supports(c.heads, c.kv_heads, c.head_dim)
+        {
+            self.decode_attention = how;
+        }
+        self
     }
 
     fn forward_step(&mut self, step: &Step) -> Result<StepLogits> {
@@ -348,6 +384,16 @@ impl TensorModel {
         }
         let decode = if decoding.is_empty() {
             None
+        } else if self.decode_attention == DecodeAttention::Paged {
+            let decoding: Vec<&Run> = decoding.iter().map(|&i| &runs[i]).collect();
+            let batch = decoding.len();
+            Some(Decode {
+                rows: Tensor::from_vec(decode_rows, batch, dev)?,
+                batch,
+                reads: DecodeReads::Paged {
+                    meta: paged_attention::meta(&decoding, dev)?,
+                },
+            })
         } else {
             let batch = decoding.len();
             let keys = decoding
@@ -368,10 +414,12 @@ impl TensorModel {
             }
             Some(Decode {
                 rows: Tensor::from_vec(decode_rows, batch, dev)?,
-                gather: Tensor::from_vec(gather, batch * keys, dev)?,
-                pad: Tensor::from_vec(pad, (batch, 1, keys), dev)?,
                 batch,
-                keys,
+                reads: DecodeReads::Gather {
+                    gather: Tensor::from_vec(gather, batch * keys, dev)?,
+                    pad: Tensor::from_vec(pad, (batch, 1, keys), dev)?,
+                    keys,
+                },
             })
         };
         let in_order = order.iter().enumerate().all(|(i, &o)| i as u32 == o);
@@ -399,14 +447,19 @@ impl TensorModel {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.heads, c.kv_heads, c.head_dim);
-        let (b, keys) = (dec.batch, dec.keys);
+        let q = q.index_select(&dec.rows, 0)?;
+        let (gather, pad, keys) = match &dec.reads {
+            DecodeReads::Paged { meta } => {
+                return paged_attention::decode(&q, k_pool, v_pool, meta, kv_heads)
+            }
+            DecodeReads::Gather { gather, pad, keys } => (gather, pad, *keys),
+        };
+        let b = dec.batch;
         let group = heads / kv_heads;
         // `[b * kv_heads, group, d]`: heads `kv * group ..` share KV head `kv`.
-        let q = q
-            .index_select(&dec.rows, 0)?
-            .reshape((b * kv_heads, group, d))?;
+        let q = q.reshape((b * kv_heads, group, d))?;
         let cached = |pool: &Tensor| {
-            pool.index_select(&dec.gather, 0)?
+            pool.index_select(gather, 0)?
                 .reshape((b, keys, kv_heads, d))?
                 .permute((0, 2, 1, 3))?
                 .reshape((b * kv_heads, keys, d))
@@ -415,7 +468,7 @@ impl TensorModel {
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?
             .reshape((b, heads, keys))?
-            .broadcast_add(&dec.pad)?;
+            .broadcast_add(pad)?;
         candle_nn::ops::softmax_last_dim(&scores)?
             .to_dtype(self.dtype)?
             .reshape((b * kv_heads, group, keys))?
@@ -486,13 +539,7 @@ mod tests {
     use crate::engine::native::kv_cache::KvPool;
     use candle_core::quantized::GgmlDType;
 
-    /// The CPU device, or the GPU with `MEMEX_TEST_TENSOR_DEVICE=cuda` (a `cuda` build).
-    fn device() -> Device {
-        match std::env::var("MEMEX_TEST_TENSOR_DEVICE").as_deref() {
-            Ok("cuda") => Device::new_cuda(0).unwrap(),
-            _ => Device::Cpu,
-        }
-    }
+    use crate::engine::native::paged_attention::test_device as device;
 
     fn weights(quantize: Option<GgmlDType>) -> Weights {
         let w = tiny_weights();
@@ -555,18 +602,27 @@ mod tests {
         compare_weights(weights(quantize), dtype, tolerance);
     }
 
+    /// Both decode paths (paged, and the gather reference) against the CPU kernels.
     fn compare_weights(w: Weights, dtype: DType, tolerance: f32) {
-        let mut dev = TensorModel::new(&w, &device(), dtype, 64).unwrap();
+        let paths = [DecodeAttention::Paged, DecodeAttention::Gather].map(|how| {
+            let dev = TensorModel::new(&w, &device(), dtype, 64)
+                .unwrap()
+                .with_decode_attention(how);
+            assert_eq!(dev.decode_attention, how);
+            (how, dev)
+        });
         let host = HostModel::new(w);
-        let [a, b] = mixed_steps(&host, &mut dev);
-        assert_eq!(a.len(), 7);
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            let diff = rel_diff(y, x);
-            assert!(diff < tolerance, "{dtype:?}: {diff}");
+        for (how, mut dev) in paths {
+            let [a, b] = mixed_steps(&host, &mut dev);
+            assert_eq!(a.len(), 7);
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                let diff = rel_diff(y, x);
+                assert!(diff < tolerance, "{how:?} {dtype:?}: {diff}");
+            }
+            // The sequences differ, so agreeing is not vacuous.
+            assert!(rel_diff(&a[0], &a[1]) > 1e-2);
         }
-        // The sequences differ, so agreeing is not vacuous.
-        assert!(rel_diff(&a[0], &a[1]) > 1e-2);
     }
 
     #[test]
