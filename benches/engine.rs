@@ -13,6 +13,9 @@
 //! (rounds per level, median kept; default 3), `MEMEX_BENCH_DECODE_CHARS` (length of the forced output string; default 256),
 //! `MEMEX_BENCH_SMOLLM2` (GGUF path; default the fetch script's), `MEMEX_BENCH_MODELS` (more
 //! models: `name=path[@tokenizer dir],...`, GGUF files or safetensors directories),
+//! `MEMEX_BENCH_MAX_RUNNING`, `MEMEX_BENCH_KV_MB`, `MEMEX_BENCH_STEP_TOKENS` (the native engine's
+//! `--max-num-seqs`, `--kv-cache-mb`, `--step-tokens`; default the engine's defaults), `MEMEX_ROOT`
+//! (the repository, when the binary runs away from the tree it was built in),
 //! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_GATHER_DECODE=1`
 //! (the tensor path's reference decode attention instead of the paged op),
 //! `MEMEX_BENCH_DECODE_ONLY=1`
@@ -59,6 +62,7 @@ use memex::pipeline::prompt::Prompts;
 /// `MEMEX_BENCH_ENGINE` (`native`, the default, or `mistralrs`).
 async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
     use clap::ValueEnum;
+    let defaults = NativeOptions::default();
     let which = std::env::var("MEMEX_BENCH_ENGINE").unwrap_or_else(|_| "native".into());
     let kind = memex::engine::EngineKind::from_str(&which, true)
         .map_err(|e| anyhow::anyhow!("MEMEX_BENCH_ENGINE {which:?}: {e}"))?;
@@ -79,7 +83,12 @@ async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
                 Err(_) => None,
             },
             gather_decode: std::env::var("MEMEX_BENCH_GATHER_DECODE").is_ok_and(|v| v == "1"),
-            ..NativeOptions::default()
+            // The levels past 32 (the GPU check's 128 and 256) need more room than a CPU's
+            // defaults: more running sequences, a KV pool that holds them, longer steps.
+            max_running: env_or("MEMEX_BENCH_MAX_RUNNING", defaults.max_running),
+            kv_cache_bytes: env_or("MEMEX_BENCH_KV_MB", defaults.kv_cache_bytes >> 20) << 20,
+            step_tokens: env_or("MEMEX_BENCH_STEP_TOKENS", defaults.step_tokens),
+            ..defaults
         },
     )
     .await
@@ -109,8 +118,12 @@ fn engine_label() -> String {
     }
 }
 
+/// The repository (its corpus and model cache): `MEMEX_ROOT` when the bench binary runs away
+/// from the tree it was built in (the GPU kit), else that tree.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MEMEX_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
