@@ -120,7 +120,10 @@ impl ApiError {
             Self::Unauthorized(_) => Rejection::Auth,
             Self::RateLimited(RateError::Requests { .. }) => Rejection::Rate,
             Self::RateLimited(_) => Rejection::Quota,
-            Self::Overloaded(AdmissionError::WouldMissDeadline { .. }) => Rejection::Deadline,
+            Self::Overloaded(
+                AdmissionError::WouldMissDeadline { .. }
+                | AdmissionError::WouldDelayAccepted { .. },
+            ) => Rejection::Deadline,
             Self::Overloaded(AdmissionError::DeadlineExceeded { .. }) => {
                 Rejection::DeadlineExceeded
             }

@@ -131,9 +131,14 @@ async fn handle(
     };
     let metrics = state.metrics();
     let generating = std::sync::atomic::AtomicBool::new(false);
-    if let Some(stats) = extractor.engine().stats() {
-        admission.observe_engine(stats.step_tokens, stats.step_seconds());
-    }
+    // The engine's counters at each arrival and each end: its throughput, and what the requests
+    // running in between have been served.
+    let observe = || {
+        if let Some(stats) = extractor.engine().stats() {
+            admission.observe_engine(stats.step_tokens, stats.step_seconds());
+        }
+    };
+    observe();
     let generate = async {
         let permit = admission.admit(work, deadline).await?;
         generating.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -163,6 +168,7 @@ async fn handle(
             return Err(e);
         }
         Err(_) => {
+            observe();
             limits.refund(&caller, &taken).await;
             if generating.load(std::sync::atomic::Ordering::Relaxed) {
                 admission.deadline_missed();
@@ -172,6 +178,7 @@ async fn handle(
             }));
         }
     };
+    observe();
     let queue_time = permit.queue_time;
     admission.finish(
         permit,
