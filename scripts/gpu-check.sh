@@ -235,6 +235,12 @@ PY
 fi
 
 # ---------------------------------------------------------------- tests
+# tests/engine.rs runs memex from the path cargo built it at (CARGO_BIN_EXE_memex).
+built_at="$(cat "$work/kit/memex-built-at" 2>/dev/null)"
+if [[ -n $built_at && ! -e $built_at ]]; then
+    mkdir -p "$(dirname "$built_at")" && ln -s "$bin/memex" "$built_at"
+fi
+
 # The unit tests of the tensor path (TensorModel vs the CPU kernels, both decode paths) and of the
 # paged-attention op (against its definition, in f32, f16 and bf16).
 phase unit-tests 120 "$bin/lib-tests" paged_attention tensor_model

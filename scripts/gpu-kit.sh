@@ -71,6 +71,9 @@ if missing:
     sys.exit(f"gpu-kit: cargo built no {sorted(missing)}")
 for name, path in found.items():
     shutil.copy(path, os.path.join(stage, "bin", name))
+# The test binaries spawn memex from where cargo built it (CARGO_BIN_EXE_memex): gpu-check.sh
+# puts the kit's one there.
+open(os.path.join(stage, "memex-built-at"), "w").write(found["memex"])
 PY
 strip "$stage"/bin/*
 
@@ -83,7 +86,7 @@ mkdir -p "$kit"
 rm -f "$kit/kit.tar.xz" "$kit/manifest.json"
 # Similar binaries side by side: the dictionary then spans the previous one, and what they share
 # (candle's kernels, the language models, mistralrs) is stored about once.
-(cd "$stage" && tar -cf - bin/memex bin/engine-bench bin/engine-tests bin/lib-tests tokenizer) \
+(cd "$stage" && tar -cf - memex-built-at bin/memex bin/engine-bench bin/engine-tests bin/lib-tests tokenizer) \
     | xz "${xz_flags[@]}" > "$kit/kit.tar.xz"
 
 python3 - "$stage" "$kit" "$mode" <<'PY'
