@@ -122,7 +122,8 @@ impl ApiError {
             Self::RateLimited(_) => Rejection::Quota,
             Self::Overloaded(
                 AdmissionError::WouldMissDeadline { .. }
-                | AdmissionError::WouldDelayAccepted { .. },
+                | AdmissionError::WouldDelayAccepted { .. }
+                | AdmissionError::WouldWaitForSlot { .. },
             ) => Rejection::Deadline,
             Self::Overloaded(AdmissionError::DeadlineExceeded { .. }) => {
                 Rejection::DeadlineExceeded

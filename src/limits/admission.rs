@@ -9,16 +9,18 @@
 //!   is measured in the same unit from the engine's own counters (tokens per second spent in
 //!   steps, an EWMA of one-second samples), so it follows the batch the engine actually runs
 //!   and needs no request to finish; an engine without counters (mistralrs) is measured by
-//!   finished requests per busy second instead. The engine batches every running sequence into
-//!   each step, so it is modelled as sharing that throughput equally among the requests
-//!   (processor sharing): each request's remaining work is its size less its share of the step
-//!   tokens computed while it held a slot, and a request finishes once every other has received
-//!   as much as it still needs (or all it needs, if less). A newcomer is admitted only when its own
+//!   finished requests per busy second instead. Completions are predicted by playing the engine
+//!   forward: it batches every running request into each step, so the running ones share that
+//!   throughput equally (processor sharing), and those waiting for a slot (see the adaptive limit
+//!   below) take the slots that free, first come first served. Each request's remaining work is
+//!   its size less its share of the step tokens computed while it held a slot. A newcomer is admitted only when its own
 //!   predicted completion is within 90% of the time left to its deadline *and* it pushes no
 //!   accepted request past 90% of that request's own: otherwise 503/50004 now, with a
-//!   `Retry-After` of the excess. The second check is what a FIFO drain, used before, missed:
-//!   requests admitted later slow the earlier ones, and at 4x overload 1-2% of the admitted were
-//!   cancelled at their deadline, 29 s after arriving, which made the 503s' p99 29 s. An idle server (nothing outstanding) and one with no measurement yet admit. A
+//!   `Retry-After` of the excess. A FIFO drain of the outstanding work, used before, missed two
+//!   things: requests admitted later slow the earlier ones, and a request waits for a slot behind
+//!   the adaptive limit for longer than the drain says; at 4x overload 2-14 admitted requests
+//!   per run were cancelled at their deadline, most after 11-27 s waiting for a slot, which made
+//!   the 503s' p99 29 s (`docs/performance.md`). An idle server (nothing outstanding) and one with no measurement yet admit. A
 //!   request that waited for a slot is checked again when it gets one: if its own work no longer
 //!   fits the time it has left, it is refused then, before it uses the engine.
 //!   Measured on SmolLM2 at 4× overload before this: 120 of 168 requests got no answer within
@@ -41,6 +43,7 @@
 //! released by drop: a client that disconnects while queued or generating drops its handler
 //! future, and with it its queue place, its outstanding work and its [`Permit`].
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,6 +89,14 @@ pub enum AdmissionError {
          retry later"
     )]
     WouldDelayAccepted { retry_after: Duration },
+    #[error(
+        "server is busy: this request would wait about {:.1} s for a generation slot; retry later",
+        wait.as_secs_f64()
+    )]
+    WouldWaitForSlot {
+        wait: Duration,
+        retry_after: Duration,
+    },
 }
 
 impl AdmissionError {
@@ -93,7 +104,8 @@ impl AdmissionError {
     pub fn retry_after_secs(&self) -> u64 {
         match self {
             Self::WouldMissDeadline { retry_after, .. }
-            | Self::WouldDelayAccepted { retry_after } => {
+            | Self::WouldDelayAccepted { retry_after }
+            | Self::WouldWaitForSlot { retry_after, .. } => {
                 retry_after.as_secs_f64().ceil().clamp(1.0, 600.0) as u64
             }
             // A slot frees when any generation ends: typically within seconds.
@@ -138,6 +150,9 @@ const SAMPLE_BUSY: Duration = Duration::from_secs(2);
 const ENGINE_SAMPLE_SECONDS: f64 = 1.0;
 /// A request is refused when its predicted completion passes this share of its time left.
 const ADMIT_SHARE: f64 = 0.9;
+/// A request is refused when it is predicted to wait for a slot longer than this share of its
+/// time left.
+const MAX_SLOT_WAIT_SHARE: f64 = 0.2;
 /// Output tokens per branch assumed before the first request finishes.
 const FIRST_OUTPUT_GUESS: f64 = 200.0;
 /// The adaptive limit starts here (or at the cap, if lower).
@@ -202,24 +217,56 @@ impl Estimate {
     }
 
     /// When each outstanding request, then a newcomer of `size` if given, is predicted to finish
-    /// (seconds from now). The engine batches every running sequence into each step, so it is
-    /// modelled as sharing its throughput equally between the requests (processor sharing): the
-    /// one with the least remaining work finishes first, after everyone has received that much;
-    /// the k-th smallest after the smaller ones' whole work plus its own for each of the rest.
-    /// Unlike a FIFO drain, this sees that a newcomer slows the requests already admitted.
+    /// (seconds from now), by playing the engine forward: the engine batches every running
+    /// request into each step, so the running ones share its throughput equally (processor
+    /// sharing); at most `limit` run, and those waiting for a slot take the slots that free, first
+    /// come first served. Unlike a FIFO drain of all the work, this sees both that a newcomer
+    /// slows the requests already running and how long one waits for a slot.
     fn finishes(&self, throughput: f64, size: Option<f64>) -> Vec<f64> {
+        self.schedule(throughput, size).1
+    }
+
+    /// `finishes`, and when the last request (the newcomer, if given) gets its slot.
+    fn schedule(&self, throughput: f64, size: Option<f64>) -> (f64, Vec<f64>) {
         let mut remaining: Vec<f64> = self.work.iter().map(Outstanding::remaining).collect();
         remaining.extend(size);
-        let mut order: Vec<usize> = (0..remaining.len()).collect();
-        order.sort_by(|&a, &b| remaining[a].total_cmp(&remaining[b]));
         let n = remaining.len();
-        let mut out = vec![0.0; n];
-        let mut before = 0.0;
-        for (k, &i) in order.iter().enumerate() {
-            out[i] = (before + (n - k) as f64 * remaining[i]) / throughput;
-            before += remaining[i];
+        let (mut running, mut waiting): (Vec<usize>, VecDeque<usize>) =
+            (Vec::new(), VecDeque::new());
+        for i in 0..n {
+            match self.work.get(i) {
+                Some(w) if w.running => running.push(i),
+                _ => waiting.push_back(i),
+            }
         }
-        out
+        let limit = (self.limit as usize).max(1);
+        let mut out = vec![0.0; n];
+        let mut now = 0.0;
+        let mut last_start = 0.0;
+        loop {
+            while running.len() < limit {
+                let Some(i) = waiting.pop_front() else { break };
+                if i + 1 == n {
+                    last_start = now;
+                }
+                running.push(i);
+            }
+            let Some((at, &first)) = running
+                .iter()
+                .enumerate()
+                .min_by(|a, b| remaining[*a.1].total_cmp(&remaining[*b.1]))
+            else {
+                break;
+            };
+            let done = remaining[first];
+            now += done * running.len() as f64 / throughput;
+            for &i in &running {
+                remaining[i] -= done;
+            }
+            out[first] = now;
+            running.swap_remove(at);
+        }
+        (last_start, out)
     }
 
     /// Deal the engine's step tokens since the last call out to the running requests, equally,
@@ -433,7 +480,7 @@ impl Admission {
         let mut e = self.estimate.lock().unwrap();
         let size = e.size(work);
         if let (Some(throughput), false) = (e.throughput, e.work.is_empty()) {
-            let with = e.finishes(throughput, Some(size));
+            let (start, with) = e.schedule(throughput, Some(size));
             let predicted = Duration::from_secs_f64(with[with.len() - 1]);
             self.gauges.predicted.observe(predicted.as_secs_f64());
             let left = deadline.saturating_duration_since(now);
@@ -443,6 +490,16 @@ impl Admission {
                     predicted,
                     deadline: left,
                     retry_after: predicted - budget,
+                });
+            }
+            // Nor wait long for a slot: the adaptive limit moves after it is admitted (it halves
+            // when a request misses its deadline), and a long wait is where predictions failed:
+            // most requests cancelled at their deadline had waited 11-27 s for a slot.
+            let wait = left.mul_f64(MAX_SLOT_WAIT_SHARE);
+            if start > wait.as_secs_f64() {
+                return Err(AdmissionError::WouldWaitForSlot {
+                    wait: Duration::from_secs_f64(start),
+                    retry_after: Duration::from_secs_f64(start) - wait,
                 });
             }
             // Nor may it push an accepted request past its deadline (one already predicted past
@@ -824,6 +881,48 @@ mod tests {
         assert_eq!(served, [1_400.0, 600.0]);
         drop(e);
         drop(second);
+    }
+
+    /// With every slot taken, a newcomer's prediction includes its wait for one: the running
+    /// request's whole remaining work, then its own alone.
+    #[tokio::test]
+    async fn a_newcomer_waits_for_a_slot_in_its_prediction() {
+        let a = admission(1, 8, 60_000);
+        measure(&a, Duration::from_secs(2), Duration::from_secs(1));
+        let _running = a.admit(WORK, far()).await.unwrap();
+        {
+            let e = a.estimate.lock().unwrap();
+            let at = e.finishes(700.0, Some(1_400.0));
+            assert_eq!(at, [2.0, 4.0]);
+        }
+        // The running request keeps its slot to itself (2 s, not the 4 s of sharing the engine
+        // with the newcomer); the newcomer's 2 s of waiting plus 2 s of work pass 90% of 4 s.
+        let refused = a
+            .admit(WORK, Instant::now() + Duration::from_secs(4))
+            .await
+            .err();
+        assert!(
+            matches!(refused, Some(AdmissionError::WouldMissDeadline { .. })),
+            "{refused:?}"
+        );
+        // 8 s: it would finish in time (4 s), but only after 2 s of waiting for the slot, more
+        // than the fifth of its time a request may wait.
+        let refused = a
+            .admit(WORK, Instant::now() + Duration::from_secs(8))
+            .await
+            .err();
+        let Some(AdmissionError::WouldWaitForSlot { wait, .. }) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!((wait.as_secs_f64() - 2.0).abs() < 0.01, "{wait:?}");
+        // 20 s: 2 s of waiting is within its fifth: it queues.
+        let queued =
+            tokio::time::timeout(Duration::from_millis(20), a.admit(WORK, far_from_now(20))).await;
+        assert!(queued.is_err(), "queued, not refused");
+    }
+
+    fn far_from_now(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
     }
 
     #[tokio::test]
