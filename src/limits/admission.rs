@@ -512,7 +512,7 @@ impl Admission {
                 .filter_map(|(w, (&with, &without))| {
                     let budget =
                         w.deadline.saturating_duration_since(now).as_secs_f64() * ADMIT_SHARE;
-                    (with > budget && without <= budget).then(|| with - budget)
+                    (with > budget && without <= budget).then_some(with - budget)
                 })
                 .fold(None, |worst: Option<f64>, over| {
                     Some(worst.map_or(over, |w| w.max(over)))

@@ -31,7 +31,7 @@ const MAX_HEAD_DIM: usize = 256;
 
 /// Whether a model's head layout fits the paged kernel; others use the gather path.
 pub(crate) fn supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
-    heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP && head_dim <= MAX_HEAD_DIM
+    heads.is_multiple_of(kv_heads) && heads / kv_heads <= MAX_GROUP && head_dim <= MAX_HEAD_DIM
 }
 
 /// The `meta` tensor for the given single-row runs: context length, then the block table.
