@@ -13,16 +13,18 @@
 //!   forward: it batches every running request into each step, so the running ones share that
 //!   throughput equally (processor sharing), and those waiting for a slot (see the adaptive limit
 //!   below) take the slots that free, first come first served. Each request's remaining work is
-//!   its size less its share of the step tokens computed while it held a slot. A newcomer is admitted only when its own
-//!   predicted completion is within 90% of the time left to its deadline *and* it pushes no
-//!   accepted request past 90% of that request's own: otherwise 503/50004 now, with a
-//!   `Retry-After` of the excess. A FIFO drain of the outstanding work, used before, missed two
-//!   things: requests admitted later slow the earlier ones, and a request waits for a slot behind
-//!   the adaptive limit for longer than the drain says; at 4x overload 2-14 admitted requests
-//!   per run were cancelled at their deadline, most after 11-27 s waiting for a slot, which made
-//!   the 503s' p99 29 s (`docs/performance.md`). An idle server (nothing outstanding) and one with no measurement yet admit. A
-//!   request that waited for a slot is checked again when it gets one: if its own work no longer
-//!   fits the time it has left, it is refused then, before it uses the engine.
+//!   its size less its share of the step tokens computed while it held a slot. A newcomer is
+//!   refused at once (503/50004, `Retry-After` of the excess) when it would finish past 90% of
+//!   the time left to its deadline, push an accepted request past 90% of that one's, or wait for
+//!   a slot longer than a fifth of its time left. A FIFO drain of the outstanding work, used
+//!   before, missed that requests admitted later slow the earlier ones and that a request waits
+//!   for a slot behind the adaptive limit: at 4x overload 2-14 admitted requests per run were
+//!   cancelled at their deadline, most after 11-27 s waiting for a slot, which made the 503s'
+//!   p99 29 s (`docs/performance.md`). An idle server (nothing outstanding) admits. The first
+//!   estimate is the start-up warm-up generation's steps, seen at the first request; an engine
+//!   without one (or without counters) admits until it has measured itself. A request that
+//!   waited for a slot is checked again when it gets one: if its own work no longer fits the
+//!   time it has left, it is refused then, before it uses the engine.
 //!   Measured on SmolLM2 at 4× overload before this: 120 of 168 requests got no answer within
 //!   the 30 s their clients waited, and not one 503 was sent (`docs/performance.md`).
 //! - **Adaptive concurrency.** How many requests generate at once is an AIMD limit between 1 and
@@ -150,6 +152,8 @@ const SAMPLE_BUSY: Duration = Duration::from_secs(2);
 const ENGINE_SAMPLE_SECONDS: f64 = 1.0;
 /// A request is refused when its predicted completion passes this share of its time left.
 const ADMIT_SHARE: f64 = 0.9;
+/// Step time before the first request (the warm-up) that makes a first throughput estimate.
+const WARM_UP_SECONDS: f64 = 0.05;
 /// A request is refused when it is predicted to wait for a slot longer than this share of its
 /// time left.
 const MAX_SLOT_WAIT_SHARE: f64 = 0.2;
@@ -405,6 +409,13 @@ impl Admission {
         let mut e = self.estimate.lock().unwrap();
         e.serve(step_tokens);
         let Some((tokens, seconds)) = e.engine_mark else {
+            // The first look: what the engine did before (the start-up warm-up generation) is
+            // the first estimate, so that the first requests are not admitted blind. Without
+            // it, at 4x overload the first wave was admitted unpredicted, shared the engine too
+            // thinly, and was cancelled at its deadline.
+            if step_seconds >= WARM_UP_SECONDS && step_tokens > 0 {
+                e.throughput = Some(step_tokens as f64 / step_seconds);
+            }
             e.engine_mark = Some((step_tokens, step_seconds));
             return;
         };
@@ -958,12 +969,13 @@ mod tests {
     #[tokio::test]
     async fn the_engine_counters_give_the_throughput_without_any_request_finishing() {
         let a = admission(8, 8, 60_000);
-        a.observe_engine(1_000, 10.0);
+        // An engine that has run no step yet: no estimate.
+        a.observe_engine(0, 0.0);
         assert!(a.estimate.lock().unwrap().throughput.is_none());
         // Half a second of steps: too little for a sample.
-        a.observe_engine(1_500, 10.5);
+        a.observe_engine(500, 0.5);
         assert!(a.estimate.lock().unwrap().throughput.is_none());
-        a.observe_engine(3_800, 12.0);
+        a.observe_engine(2_800, 2.0);
         assert_eq!(a.estimate.lock().unwrap().throughput, Some(1_400.0));
         // Busy: one request of 1,400 tokens outstanding, the next predicts 2 s and fits 10 s.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -973,6 +985,23 @@ mod tests {
         // Finished requests no longer move it.
         measure(&a, Duration::from_secs(100), Duration::from_secs(1));
         assert_eq!(a.estimate.lock().unwrap().throughput, Some(1_400.0));
+    }
+
+    /// The warm-up generation's steps, seen at the first request, are the first estimate: the
+    /// requests that arrive before a full sample are predicted, not admitted blind.
+    #[tokio::test]
+    async fn the_warm_up_gives_the_first_estimate() {
+        let a = admission(8, 8, 60_000);
+        a.observe_engine(700, 1.0);
+        assert_eq!(a.estimate.lock().unwrap().throughput, Some(700.0));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let _first = a.admit(WORK, deadline).await.unwrap();
+        // 1,400 tokens each at 700 tokens/s: the second would end both at 4 s, past 2.7 s.
+        assert!(a.admit(WORK, deadline).await.is_err());
+        // A fresh engine (no steps before the first request) gives none.
+        let fresh = admission(8, 8, 60_000);
+        fresh.observe_engine(0, 0.0);
+        assert!(fresh.estimate.lock().unwrap().throughput.is_none());
     }
 
     #[tokio::test]
