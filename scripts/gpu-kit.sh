@@ -45,9 +45,10 @@ stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/tokenizer"
 
-echo "== building ($mode): memex, the unit tests, tests/engine.rs, benches/engine.rs" >&2
-"${cargo[@]}" build --locked "${flags[@]}" --bin memex --message-format=json-render-diagnostics \
-    > "$stage/build.json"
+echo "== building ($mode): the unit tests, tests/engine.rs (and the memex it spawns), benches/engine.rs" >&2
+# One build: tests/engine.rs needs the memex binary, so this builds it too, with the features the
+# tests unify (a separate `cargo build --bin memex` would compile memex and mistralrs-core once
+# more for the dev-dependencies' feature set), and it is the very binary the tests spawn.
 "${cargo[@]}" test --locked --no-run "${flags[@]}" --lib --test engine --bench engine \
     --message-format=json-render-diagnostics > "$stage/tests.json"
 
@@ -58,14 +59,13 @@ stage = sys.argv[1]
 want = {("bin", "memex", False): "memex", ("lib", "memex", True): "lib-tests",
         ("test", "engine", True): "engine-tests", ("bench", "engine", True): "engine-bench"}
 found = {}
-for name in ("build.json", "tests.json"):
-    for line in open(os.path.join(stage, name)):
-        m = json.loads(line)
-        if m.get("reason") != "compiler-artifact" or not m.get("executable"):
-            continue
-        key = (m["target"]["kind"][0], m["target"]["name"], m["profile"]["test"])
-        if key in want:
-            found[want[key]] = m["executable"]
+for line in open(os.path.join(stage, "tests.json")):
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    key = (m["target"]["kind"][0], m["target"]["name"], m["profile"]["test"])
+    if key in want:
+        found[want[key]] = m["executable"]
 missing = set(want.values()) - set(found)
 if missing:
     sys.exit(f"gpu-kit: cargo built no {sorted(missing)}")

@@ -187,7 +187,6 @@ struct Estimate {
     /// Every request admitted or queued and not finished.
     work: Vec<Outstanding>,
     next_id: u64,
-    outstanding: usize,
     /// Tokens of finished requests per busy second; `None` until the first sample.
     throughput: Option<f64>,
     sample_tokens: f64,
@@ -209,7 +208,7 @@ struct Estimate {
 impl Estimate {
     /// Busy time runs while anything is outstanding.
     fn advance(&mut self, now: Instant) {
-        if self.outstanding > 0 {
+        if !self.work.is_empty() {
             self.sample_busy += now.saturating_duration_since(self.last_change);
         }
         self.last_change = now;
@@ -350,7 +349,6 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let mut e = self.admission.estimate.lock().unwrap();
         e.advance(Instant::now());
-        e.outstanding -= 1;
         e.work.retain(|w| w.id != self.id);
     }
 }
@@ -381,7 +379,6 @@ impl Admission {
             estimate: Mutex::new(Estimate {
                 work: Vec::new(),
                 next_id: 0,
-                outstanding: 0,
                 throughput: None,
                 sample_tokens: 0.0,
                 sample_busy: Duration::ZERO,
@@ -535,7 +532,6 @@ impl Admission {
             }
         }
         e.advance(now);
-        e.outstanding += 1;
         let id = e.next_id;
         e.next_id += 1;
         e.work.push(Outstanding {
@@ -767,7 +763,7 @@ mod tests {
         let queued_for = waiter.await.unwrap().unwrap();
         assert!(queued_for > Duration::ZERO);
         assert_eq!((a.gauges.in_flight.get(), a.gauges.queued.get()), (0, 0));
-        assert_eq!(a.estimate.lock().unwrap().outstanding, 0);
+        assert_eq!(a.estimate.lock().unwrap().work.len(), 0);
     }
 
     #[tokio::test]
@@ -792,7 +788,7 @@ mod tests {
             "{err:?}"
         );
         assert!(Instant::now() >= deadline);
-        assert_eq!(a.estimate.lock().unwrap().outstanding, 1);
+        assert_eq!(a.estimate.lock().unwrap().work.len(), 1);
     }
 
     #[tokio::test]
@@ -870,7 +866,7 @@ mod tests {
             (retry_after.as_secs_f64() - 0.4).abs() < 0.05,
             "{retry_after:?}"
         );
-        assert_eq!(a.estimate.lock().unwrap().outstanding, 1);
+        assert_eq!(a.estimate.lock().unwrap().work.len(), 1);
         // The engine computes 1,000 tokens, all for the one running request: 400 left, so
         // sharing with the newcomer it ends in 800 / 700 s, well within its time.
         a.observe_engine(1_000, 0.5);

@@ -92,11 +92,16 @@ impl PagedDecode {
     }
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+/// Where a contiguous tensor's elements lie in its storage.
+fn offsets(l: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
+        Some((a, b)) => Ok(a..b),
         None => candle_core::bail!("paged attention: {what} must be contiguous"),
     }
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    Ok(&s[offsets(l, what)?])
 }
 
 impl CustomOp3 for PagedDecode {
@@ -220,11 +225,13 @@ impl PagedDecode {
 
 #[cfg(feature = "native-cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 
-    use super::PagedDecode;
+    use super::{offsets, PagedDecode};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
     /// `paged_attention.cu`'s WARPS: threads per block = 32 * WARPS.
@@ -244,92 +251,52 @@ mod cuda {
         let candle_core::Storage::Cuda(meta) = &*meta else {
             candle_core::bail!("paged attention: meta must be on the GPU");
         };
-        let meta = meta.as_cuda_slice::<u32>()?;
-        let Some((m0, m1)) = lm.contiguous_offsets() else {
-            candle_core::bail!("paged attention: meta must be contiguous");
-        };
-        let meta = meta.slice(m0..m1);
+        let meta = meta.as_cuda_slice::<u32>()?.slice(offsets(lm, "meta")?);
         let batch = lq.dims()[0];
         let width = lm.dims()[1] as u32;
-        let slice = match (&q.slice, &k.slice, &v.slice) {
-            (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                CudaStorageSlice::F32(launch(
-                    op,
-                    "paged_decode_f32",
-                    &dev,
-                    q,
-                    lq,
-                    k,
-                    lk,
-                    v,
-                    lv,
-                    &meta,
-                    width,
-                )?)
-            }
-            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                CudaStorageSlice::F16(launch(
-                    op,
-                    "paged_decode_f16",
-                    &dev,
-                    q,
-                    lq,
-                    k,
-                    lk,
-                    v,
-                    lv,
-                    &meta,
-                    width,
-                )?)
-            }
-            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                CudaStorageSlice::BF16(launch(
-                    op,
-                    "paged_decode_bf16",
-                    &dev,
-                    q,
-                    lq,
-                    k,
-                    lk,
-                    v,
-                    lv,
-                    &meta,
-                    width,
-                )?)
-            }
-            _ => candle_core::bail!("paged attention: q, k and v must share a float dtype"),
-        };
+        // One kernel per dtype (`paged_attention.cu`'s PAGED_DECODE instances).
+        macro_rules! by_dtype {
+            ($($dtype:ident => $kernel:literal),*) => {
+                match (&q.slice, &k.slice, &v.slice) {
+                    $((
+                        CudaStorageSlice::$dtype(q),
+                        CudaStorageSlice::$dtype(k),
+                        CudaStorageSlice::$dtype(v),
+                    ) => CudaStorageSlice::$dtype(launch(
+                        op,
+                        $kernel,
+                        &dev,
+                        [(q, lq, "q"), (k, lk, "the key pool"), (v, lv, "the value pool")],
+                        &meta,
+                        width,
+                    )?),)*
+                    _ => candle_core::bail!("paged attention: q, k and v must share a float dtype"),
+                }
+            };
+        }
+        let slice = by_dtype!(
+            F32 => "paged_decode_f32",
+            F16 => "paged_decode_f16",
+            BF16 => "paged_decode_bf16"
+        );
         Ok((CudaStorage { slice, device: dev }, op.out_shape(batch)))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `inputs`: q, the key pool and the value pool, each with its layout and its name for errors.
     fn launch<T: DeviceRepr>(
         op: &PagedDecode,
-        name: &str,
+        kernel: &str,
         dev: &CudaDevice,
-        q: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-        lq: &Layout,
-        k: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-        lk: &Layout,
-        v: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-        lv: &Layout,
-        meta: &candle_core::cuda_backend::cudarc::driver::CudaView<u32>,
+        inputs: [(&CudaSlice<T>, &Layout, &str); 3],
+        meta: &CudaView<u32>,
         width: u32,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
-        let part = |l: &Layout, what: &str| match l.contiguous_offsets() {
-            Some(r) => Ok(r),
-            None => Err(candle_core::Error::Msg(format!(
-                "paged attention: {what} must be contiguous"
-            ))),
-        };
-        let (q, k, v) = (
-            q.slice(part(lq, "q")?.0..part(lq, "q")?.1),
-            k.slice(part(lk, "the key pool")?.0..part(lk, "the key pool")?.1),
-            v.slice(part(lv, "the value pool")?.0..part(lv, "the value pool")?.1),
-        );
-        let batch = lq.dims()[0];
+    ) -> Result<CudaSlice<T>> {
+        let batch = inputs[0].1.dims()[0];
+        let [q, k, v] = inputs.map(|(s, l, what)| offsets(l, what).map(|r| s.slice(r)));
+        let (q, k, v) = (q?, k?, v?);
         let group = op.heads / op.kv_heads;
-        let func = dev.get_or_load_custom_func(name, "memex_paged_attention", PTX)?;
+        let func = dev.get_or_load_custom_func(kernel, "memex_paged_attention", PTX)?;
+        // SAFETY: every element is written by the kernel before it is read.
         let out = unsafe { dev.alloc::<T>(batch * op.heads * op.head_dim)? };
         let cfg = LaunchConfig {
             grid_dim: (op.kv_heads as u32, batch as u32, 1),
