@@ -561,6 +561,8 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
         "memex_engine_steps_total",
         "memex_engine_step_sequences_total",
         "memex_engine_step_tokens_total",
+        "memex_engine_step_prefill_tokens_total",
+        "memex_engine_step_token_budget",
         "memex_engine_kv_blocks_total",
     ];
     for series in at_least_one {
@@ -569,6 +571,19 @@ async fn metrics_on_their_own_port_count_what_happened_and_never_a_key() {
     }
     assert!(metric(&text, "memex_model_load_seconds").unwrap() > 0.0);
     assert!(metric(&text, "memex_engine_step_seconds_total").unwrap() > 0.0);
+    // The step cost admission predicts with: the prefill chunks and the decode steps of the
+    // warm-up and the request separate its two parts, and a token costs something.
+    let fixed = metric(&text, "memex_engine_step_fixed_seconds").unwrap();
+    let per_token = metric(&text, "memex_engine_step_token_seconds").unwrap();
+    assert!(
+        per_token > 0.0 && fixed >= 0.0,
+        "{fixed} + {per_token}/token"
+    );
+    assert!(
+        metric(&text, "memex_engine_step_prefill_tokens_total").unwrap()
+            < metric(&text, "memex_engine_step_tokens_total").unwrap(),
+        "decode tokens are step tokens too"
+    );
     // Every branch prompt starts with the same system template: after warm-up and a request,
     // the prefix cache has been used, and the per-branch counter agrees with the engine's.
     let hits = metric(&text, "memex_engine_prefix_cache_hit_tokens_total").unwrap();

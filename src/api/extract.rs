@@ -135,7 +135,7 @@ async fn handle(
     // running in between have been served.
     let observe = || {
         if let Some(stats) = extractor.engine().stats() {
-            admission.observe_engine(stats.step_tokens, stats.step_seconds());
+            admission.observe_engine(&stats);
         }
     };
     observe();

@@ -14,7 +14,7 @@ pub mod model_source;
 pub mod native;
 pub mod stats;
 
-pub use stats::{EngineCounters, EngineStats};
+pub use stats::{EngineCounters, EngineStats, StepCost};
 
 use std::time::Duration;
 

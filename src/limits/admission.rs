@@ -4,27 +4,28 @@
 //! time-out; a client may ask for less with `x-request-timeout`). Work finished after the client
 //! has left is wasted cores, so admission answers in time or refuses at once:
 //!
-//! - **Predicted completion.** Each request's size is the prompt tokens the engine will compute
-//!   plus its expected output (branches × the measured mean output per branch). The throughput
-//!   is measured in the same unit from the engine's own counters (tokens per second spent in
-//!   steps, an EWMA of one-second samples), so it follows the batch the engine actually runs
-//!   and needs no request to finish; an engine without counters (mistralrs) is measured by
-//!   finished requests per busy second instead. Completions are predicted by playing the engine
-//!   forward: it batches every running request into each step, so the running ones share that
-//!   throughput equally (processor sharing), and those waiting for a slot (see the adaptive limit
-//!   below) take the slots that free, first come first served. Each request's remaining work is
-//!   its size less its share of the step tokens computed while it held a slot. A newcomer is
-//!   refused at once (503/50004, `Retry-After` of the excess) when it would finish past 90% of
-//!   the time left to its deadline, push an accepted request past 90% of that one's, or wait for
-//!   a slot longer than a fifth of its time left. A FIFO drain of the outstanding work, used
-//!   before, missed that requests admitted later slow the earlier ones and that a request waits
-//!   for a slot behind the adaptive limit: at 4x overload 2-14 admitted requests per run were
-//!   cancelled at their deadline, most after 11-27 s waiting for a slot, which made the 503s'
-//!   p99 29 s (`docs/performance.md`). An idle server (nothing outstanding) admits. The first
-//!   estimate is the start-up warm-up generation's steps, seen at the first request; an engine
-//!   without one (or without counters) admits until it has measured itself. A request that
-//!   waited for a slot is checked again when it gets one: if its own work no longer fits the
-//!   time it has left, it is refused then, before it uses the engine.
+//! - **Predicted completion.** Each request is, in the engine's terms, the prompt tokens it will
+//!   compute and then one decode step per output token with one row per branch (the measured
+//!   mean output per branch). The engine fits what a step costs, `fixed + per_token × tokens`,
+//!   over its recent steps (`engine::StepCost`); completions are predicted by playing the
+//!   engine's scheduler forward with that cost: at most `limit` requests hold slots (see the
+//!   adaptive limit below) and the others take freed ones first come first served; each step
+//!   runs a row per branch of every request past its prompt, then prompt tokens in arrival order
+//!   in what is left of the step budget. What each running request has left is its job less the
+//!   engine's steps and prompt tokens dealt to it since it got its slot. A newcomer is refused at
+//!   once (503/50004, `Retry-After` of the excess) when it would finish past 90% of the time left
+//!   to its deadline, push an accepted request past 90% of that one's, or wait for a slot longer
+//!   than a fifth of its time left. Why steps and not tokens per second: on two cores a SmolLM2
+//!   decode step of a few sequences is mostly its fixed part (the weights are read once per
+//!   step) and a 512-token prefill chunk mostly its per-token part, so one tokens-per-second
+//!   figure was several times off whenever the engine moved between the two; requests admitted
+//!   on a prefill-time figure were cancelled at their deadline while decoding, and their 503s
+//!   came after 29 s (`docs/performance.md`). An idle server (nothing outstanding) admits. The
+//!   first cost is the start-up warm-up generation's steps; an engine without counters
+//!   (mistralrs) is measured by finished requests per busy second instead, as a cost per token.
+//!   A request waits for its slot at most its predicted wait plus as much again (at least a
+//!   second) and is refused then; when it gets its slot it is checked again, and refused if it
+//!   no longer fits the time it has left, before it uses the engine.
 //!   Measured on SmolLM2 at 4× overload before this: 120 of 168 requests got no answer within
 //!   the 30 s their clients waited, and not one 503 was sent (`docs/performance.md`).
 //! - **Adaptive concurrency.** How many requests generate at once is an AIMD limit between 1 and
@@ -52,6 +53,8 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, Histogram, IntGauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::engine::{EngineStats, StepCost};
 
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
@@ -146,40 +149,55 @@ pub struct Done {
 
 /// Smoothing of the throughput, output-size and mean-size averages.
 const EWMA: f64 = 0.3;
-/// Busy time folded into one throughput sample (from finished requests).
+/// Busy time folded into one throughput sample (from finished requests, for an engine without
+/// step counters).
 const SAMPLE_BUSY: Duration = Duration::from_secs(2);
-/// Engine step time folded into one throughput sample (from the engine's counters).
-const ENGINE_SAMPLE_SECONDS: f64 = 1.0;
 /// A request is refused when its predicted completion passes this share of its time left.
 const ADMIT_SHARE: f64 = 0.9;
-/// Step time before the first request (the warm-up) that makes a first throughput estimate.
-const WARM_UP_SECONDS: f64 = 0.05;
 /// A request is refused when it is predicted to wait for a slot longer than this share of its
 /// time left.
 const MAX_SLOT_WAIT_SHARE: f64 = 0.2;
+/// How much longer than predicted a request waits for its slot at least, before it is refused.
+const SLOT_PATIENCE: Duration = Duration::from_secs(1);
 /// Output tokens per branch assumed before the first request finishes.
 const FIRST_OUTPUT_GUESS: f64 = 200.0;
 /// The adaptive limit starts here (or at the cap, if lower).
 const FIRST_LIMIT: f64 = 8.0;
+/// Simulated steps before a prediction gives up (an unbounded drain): far more than any real
+/// queue needs (64 queued requests of 8,000 prompt tokens take 1,000 prefill steps).
+const MAX_SIMULATED_STEPS: usize = 100_000;
+
+/// What a request asks of the engine, in the engine's own terms: prompt tokens to compute,
+/// then one decode step per output token, each running one row per branch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Job {
+    prefill: f64,
+    steps: f64,
+    rows: f64,
+}
 
 /// A request admitted or queued and not finished, as admission sees it.
 struct Outstanding {
     id: u64,
-    /// Predicted size, tokens.
-    size: f64,
-    /// Tokens the engine is estimated to have computed for it: its share of the engine's step
-    /// tokens while it held a slot.
-    served: f64,
+    /// Predicted at admission.
+    job: Job,
+    /// What is left of it: the engine's prompt tokens and decode steps dealt to it while it
+    /// held a slot.
+    left: Job,
     deadline: Instant,
     /// Holds a slot (generating), rather than waiting for one.
     running: bool,
 }
 
 impl Outstanding {
-    /// What it still needs. One that outlived its predicted size still needs something: a
+    /// What it still needs. One that outlived its predicted output still needs something: a
     /// twentieth of it, say, rather than nothing.
-    fn remaining(&self) -> f64 {
-        (self.size - self.served).max(self.size / 20.0)
+    fn remaining(&self) -> Job {
+        Job {
+            prefill: self.left.prefill.max(0.0),
+            steps: self.left.steps.max(self.job.steps / 20.0).max(1.0),
+            rows: self.job.rows,
+        }
     }
 }
 
@@ -187,22 +205,23 @@ struct Estimate {
     /// Every request admitted or queued and not finished.
     work: Vec<Outstanding>,
     next_id: u64,
-    /// Tokens of finished requests per busy second; `None` until the first sample.
+    /// The engine's fitted step cost, from its counters.
+    engine_cost: Option<StepCost>,
+    /// Most tokens in one engine step (prefill goes in chunks of what decoding leaves).
+    step_budget: f64,
+    /// Without engine counters: tokens of finished requests per busy second.
     throughput: Option<f64>,
     sample_tokens: f64,
     sample_busy: Duration,
     last_change: Instant,
     output_per_branch: f64,
     mean_size: Option<f64>,
-    /// What finished requests cost over what their size predicted: corrects the prompt-token
-    /// guess (the task lines' and the template's share differ per model and tokenizer).
-    size_scale: f64,
+    /// Prompt tokens computed over what admission expected: corrects the guess (the task
+    /// lines' and the template's share differ per model and tokenizer).
+    prefill_scale: f64,
     limit: f64,
-    /// The engine's own counters at the last throughput sample: (tokens, busy seconds). Once
-    /// the engine reports them, they are the throughput, not finished requests.
-    engine_mark: Option<(u64, f64)>,
-    /// The engine's step tokens already dealt out to the running requests as `served`.
-    served_mark: Option<u64>,
+    /// The engine's (steps, prefill tokens) already dealt out to the running requests.
+    served_mark: Option<(u64, u64)>,
 }
 
 impl Estimate {
@@ -214,39 +233,51 @@ impl Estimate {
         self.last_change = now;
     }
 
-    fn size(&self, work: Work) -> f64 {
-        (work.prompt_tokens as f64 + work.branches as f64 * self.output_per_branch)
-            * self.size_scale
-    }
-
-    /// When each outstanding request, then a newcomer of `size` if given, is predicted to finish
-    /// (seconds from now), by playing the engine forward: the engine batches every running
-    /// request into each step, so the running ones share its throughput equally (processor
-    /// sharing); at most `limit` run, and those waiting for a slot take the slots that free, first
-    /// come first served. Unlike a FIFO drain of all the work, this sees both that a newcomer
-    /// slows the requests already running and how long one waits for a slot.
-    fn finishes(&self, throughput: f64, size: Option<f64>) -> Vec<f64> {
-        self.schedule(throughput, size).1
-    }
-
-    /// `finishes`, and when the last request (the newcomer, if given) gets its slot.
-    fn schedule(&self, throughput: f64, size: Option<f64>) -> (f64, Vec<f64>) {
-        let mut remaining: Vec<f64> = self.work.iter().map(Outstanding::remaining).collect();
-        remaining.extend(size);
-        let n = remaining.len();
-        let (mut running, mut waiting): (Vec<usize>, VecDeque<usize>) =
-            (Vec::new(), VecDeque::new());
-        for i in 0..n {
-            match self.work.get(i) {
-                Some(w) if w.running => running.push(i),
-                _ => waiting.push_back(i),
-            }
+    fn job(&self, work: Work) -> Job {
+        Job {
+            prefill: work.prompt_tokens as f64 * self.prefill_scale,
+            steps: self.output_per_branch.max(1.0),
+            rows: work.branches.max(1) as f64,
         }
+    }
+
+    /// The step cost to predict with: the engine's fit, or, for an engine without counters,
+    /// the measured tokens per second as a cost per token (and prefill in one step).
+    fn cost(&self) -> Option<(StepCost, f64)> {
+        match (self.engine_cost, self.throughput) {
+            (Some(c), _) => Some((c, self.step_budget)),
+            (None, Some(t)) => Some((
+                StepCost {
+                    fixed: 0.0,
+                    per_token: 1.0 / t,
+                },
+                f64::INFINITY,
+            )),
+            (None, None) => None,
+        }
+    }
+
+    /// When each outstanding request, then a newcomer if given, is predicted to finish (seconds
+    /// from now), and when the last of them got its slot.
+    ///
+    /// It plays the engine forward as its scheduler runs it: at most `limit` requests hold
+    /// slots, the others take freed ones first come first served; every step runs one row per
+    /// branch of each request past its prompt, then prompt tokens in arrival order in what is
+    /// left of the step budget; a step takes the fitted `fixed + per_token × tokens`. So it sees
+    /// that a newcomer slows every running request (more rows per step), that a running set
+    /// which has moved on from prefill to decoding drains at the decode steps' pace, and how
+    /// long a newcomer waits for a slot.
+    fn schedule(&self, cost: StepCost, budget: f64, newcomer: Option<Job>) -> (f64, Vec<f64>) {
+        let mut jobs: Vec<Job> = self.work.iter().map(Outstanding::remaining).collect();
+        jobs.extend(newcomer);
+        let n = jobs.len();
+        let is_running = |i: usize| self.work.get(i).is_some_and(|w| w.running);
+        let mut running: Vec<usize> = (0..n).filter(|&i| is_running(i)).collect();
+        let mut waiting: VecDeque<usize> = (0..n).filter(|&i| !is_running(i)).collect();
         let limit = (self.limit as usize).max(1);
-        let mut out = vec![0.0; n];
-        let mut now = 0.0;
-        let mut last_start = 0.0;
-        loop {
+        let mut out = vec![f64::INFINITY; n];
+        let (mut now, mut last_start) = (0.0, 0.0);
+        for _ in 0..MAX_SIMULATED_STEPS {
             while running.len() < limit {
                 let Some(i) = waiting.pop_front() else { break };
                 if i + 1 == n {
@@ -254,39 +285,60 @@ impl Estimate {
                 }
                 running.push(i);
             }
-            let Some((at, &first)) = running
-                .iter()
-                .enumerate()
-                .min_by(|a, b| remaining[*a.1].total_cmp(&remaining[*b.1]))
-            else {
+            if running.is_empty() {
                 break;
-            };
-            let done = remaining[first];
-            now += done * running.len() as f64 / throughput;
-            for &i in &running {
-                remaining[i] -= done;
             }
-            out[first] = now;
-            running.swap_remove(at);
+            // Running keeps arrival order, as the engine admits: its prefill order.
+            running.sort_unstable();
+            let decoding: Vec<usize> = (running.iter().copied())
+                .filter(|&i| jobs[i].prefill <= 0.0)
+                .collect();
+            let rows: f64 = decoding.iter().map(|&i| jobs[i].rows).sum();
+            let room = (budget - rows).max(0.0);
+            let prompt: f64 = running.iter().map(|&i| jobs[i].prefill.max(0.0)).sum();
+            let steps = if prompt > 0.0 && room >= 1.0 {
+                // One step with a prefill chunk.
+                let mut chunk = room.min(prompt);
+                now += cost.step(rows + chunk);
+                for &i in &running {
+                    let take = chunk.min(jobs[i].prefill.max(0.0));
+                    jobs[i].prefill -= take;
+                    chunk -= take;
+                }
+                1.0
+            } else {
+                // Decode steps only, until the first running request finishes.
+                let k = (decoding.iter().map(|&i| jobs[i].steps)).fold(f64::INFINITY, f64::min);
+                now += k * cost.step(rows);
+                k
+            };
+            for &i in &decoding {
+                jobs[i].steps -= steps;
+                if jobs[i].steps <= 1e-9 {
+                    out[i] = now;
+                }
+            }
+            running.retain(|&i| !(jobs[i].prefill <= 0.0 && jobs[i].steps <= 1e-9));
         }
         (last_start, out)
     }
 
-    /// Deal the engine's step tokens since the last call out to the running requests, equally,
-    /// none past its remaining work (what one cannot take goes to the others).
-    fn serve(&mut self, step_tokens: u64) {
-        let Some(mark) = self.served_mark.replace(step_tokens) else {
+    /// Deal the engine's steps and prompt tokens since the last call out to the running
+    /// requests: every step to each one past its prompt, prompt tokens first come first served.
+    fn serve(&mut self, steps: u64, prefill: u64) {
+        let Some((s0, p0)) = self.served_mark.replace((steps, prefill)) else {
             return;
         };
-        let mut left = step_tokens.saturating_sub(mark) as f64;
-        let mut running: Vec<&mut Outstanding> =
-            self.work.iter_mut().filter(|w| w.running).collect();
-        running.sort_by(|a, b| (a.size - a.served).total_cmp(&(b.size - b.served)));
-        let n = running.len();
-        for (k, w) in running.into_iter().enumerate() {
-            let take = (left / (n - k) as f64).min((w.size - w.served).max(0.0));
-            w.served += take;
-            left -= take;
+        let steps = steps.saturating_sub(s0) as f64;
+        let mut prefill = prefill.saturating_sub(p0) as f64;
+        for w in self.work.iter_mut().filter(|w| w.running) {
+            if w.left.prefill <= 0.0 {
+                w.left.steps -= steps;
+            } else {
+                let take = prefill.min(w.left.prefill);
+                w.left.prefill -= take;
+                prefill -= take;
+            }
         }
     }
 }
@@ -342,7 +394,8 @@ impl Drop for Permit {
 struct Ticket {
     admission: Arc<Admission>,
     id: u64,
-    size: f64,
+    /// The prompt tokens the request was expected to compute.
+    expected_prompt: usize,
 }
 
 impl Drop for Ticket {
@@ -379,15 +432,16 @@ impl Admission {
             estimate: Mutex::new(Estimate {
                 work: Vec::new(),
                 next_id: 0,
+                engine_cost: None,
+                step_budget: f64::INFINITY,
                 throughput: None,
                 sample_tokens: 0.0,
                 sample_busy: Duration::ZERO,
                 last_change: Instant::now(),
                 output_per_branch: FIRST_OUTPUT_GUESS,
                 mean_size: None,
-                size_scale: 1.0,
+                prefill_scale: 1.0,
                 limit,
-                engine_mark: None,
                 served_mark: None,
             }),
             config,
@@ -399,28 +453,17 @@ impl Admission {
         &self.config
     }
 
-    /// The engine's cumulative step counters (tokens computed, seconds spent in steps): its
-    /// throughput while busy, measured whether or not requests finish. A sample is taken once a
-    /// second of steps has passed since the last one.
-    pub fn observe_engine(&self, step_tokens: u64, step_seconds: f64) {
+    /// The engine's counters: its fitted step cost (the start-up warm-up's steps give the first
+    /// one, so the first requests are not admitted blind), and the steps and prompt tokens it
+    /// ran since the last look, dealt out to the running requests.
+    pub fn observe_engine(&self, stats: &EngineStats) {
         let mut e = self.estimate.lock().unwrap();
-        e.serve(step_tokens);
-        let Some((tokens, seconds)) = e.engine_mark else {
-            // The first look: what the engine did before (the start-up warm-up generation) is
-            // the first estimate, so that the first requests are not admitted blind. Without
-            // it, at 4x overload the first wave was admitted unpredicted, shared the engine too
-            // thinly, and was cancelled at its deadline.
-            if step_seconds >= WARM_UP_SECONDS && step_tokens > 0 {
-                e.throughput = Some(step_tokens as f64 / step_seconds);
+        e.serve(stats.steps, stats.prefill_tokens);
+        if let Some(cost) = stats.step_cost() {
+            e.engine_cost = Some(cost);
+            if stats.step_budget > 0 {
+                e.step_budget = stats.step_budget as f64;
             }
-            e.engine_mark = Some((step_tokens, step_seconds));
-            return;
-        };
-        let busy = step_seconds - seconds;
-        if busy >= ENGINE_SAMPLE_SECONDS {
-            let rate = step_tokens.saturating_sub(tokens) as f64 / busy;
-            e.throughput = Some(ewma(e.throughput, rate));
-            e.engine_mark = Some((step_tokens, step_seconds));
         }
     }
 
@@ -437,12 +480,18 @@ impl Admission {
         deadline: Instant,
     ) -> Result<Permit, AdmissionError> {
         let started = Instant::now();
-        let ticket = self.check(work, started, deadline)?;
+        let (ticket, slot_in) = self.check(work, started, deadline)?;
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Ok(self.permit(slot, started, ticket));
         }
         let place = self.take_queue_place()?;
-        let wait_until = (started + self.config.queue_timeout).min(deadline);
+        // A request waits for its slot about as long as predicted, not until its deadline: one
+        // whose slot is late is refused while the refusal is still quick, where it used to be
+        // cancelled at its deadline after it finally got one.
+        let patience = slot_in.map(|s| s + s.max(SLOT_PATIENCE));
+        let latest = (started + self.config.queue_timeout).min(deadline);
+        let impatient = patience.filter(|&p| started + p < latest);
+        let wait_until = impatient.map_or(latest, |p| started + p);
         let waited =
             tokio::time::timeout_at(wait_until.into(), self.slots.clone().acquire_owned()).await;
         drop(place);
@@ -451,22 +500,35 @@ impl Admission {
                 // It waited: it may no longer have the time its own work takes. Better refused
                 // now than cancelled at its deadline after using the engine.
                 let now = Instant::now();
-                let own = {
-                    let e = self.estimate.lock().unwrap();
-                    e.throughput
-                        .map(|t| Duration::from_secs_f64(ticket.size / t))
+                let predicted = {
+                    let mut e = self.estimate.lock().unwrap();
+                    let at = e.work.iter().position(|w| w.id == ticket.id);
+                    if let Some(at) = at {
+                        e.work[at].running = true;
+                    }
+                    match (e.cost(), at) {
+                        (Some((cost, budget)), Some(at)) => {
+                            Some(e.schedule(cost, budget, None).1[at])
+                        }
+                        _ => None,
+                    }
                 };
                 let left = deadline.saturating_duration_since(now);
-                if let Some(own) = own.filter(|own| *own > left.mul_f64(ADMIT_SHARE)) {
+                let budget = left.as_secs_f64() * ADMIT_SHARE;
+                if let Some(own) = predicted.filter(|&own| own > budget) {
                     return Err(AdmissionError::WouldMissDeadline {
-                        predicted: own,
+                        predicted: Duration::from_secs_f64(own.min(1e6)),
                         deadline: left,
-                        retry_after: own.saturating_sub(left.mul_f64(ADMIT_SHARE)),
+                        retry_after: Duration::from_secs_f64((own - budget).min(1e6)),
                     });
                 }
                 Ok(self.permit(slot, started, ticket))
             }
             // The semaphore is never closed; treat it like a time-out all the same.
+            Ok(Err(_)) | Err(_) if impatient.is_some() => Err(AdmissionError::WouldWaitForSlot {
+                wait: started.elapsed(),
+                retry_after: SLOT_PATIENCE,
+            }),
             Ok(Err(_)) | Err(_) if wait_until >= deadline => {
                 Err(AdmissionError::DeadlineExceeded {
                     deadline: deadline.saturating_duration_since(started),
@@ -484,13 +546,15 @@ impl Admission {
         work: Work,
         now: Instant,
         deadline: Instant,
-    ) -> Result<Ticket, AdmissionError> {
+    ) -> Result<(Ticket, Option<Duration>), AdmissionError> {
         let mut e = self.estimate.lock().unwrap();
-        let size = e.size(work);
-        if let (Some(throughput), false) = (e.throughput, e.work.is_empty()) {
-            let (start, with) = e.schedule(throughput, Some(size));
-            let predicted = Duration::from_secs_f64(with[with.len() - 1]);
-            self.gauges.predicted.observe(predicted.as_secs_f64());
+        let job = e.job(work);
+        let mut slot_in = None;
+        if let (Some((cost, step_budget)), false) = (e.cost(), e.work.is_empty()) {
+            let (start, with) = e.schedule(cost, step_budget, Some(job));
+            let predicted = with[with.len() - 1].min(1e6);
+            self.gauges.predicted.observe(predicted);
+            let predicted = Duration::from_secs_f64(predicted);
             let left = deadline.saturating_duration_since(now);
             let budget = left.mul_f64(ADMIT_SHARE);
             if predicted > budget {
@@ -510,9 +574,10 @@ impl Admission {
                     retry_after: Duration::from_secs_f64(start) - wait,
                 });
             }
+            slot_in = Some(Duration::from_secs_f64(start));
             // Nor may it push an accepted request past its deadline (one already predicted past
             // it is lost either way and does not block the rest).
-            let without = e.finishes(throughput, None);
+            let without = e.schedule(cost, step_budget, None).1;
             let pushed = e
                 .work
                 .iter()
@@ -536,16 +601,17 @@ impl Admission {
         e.next_id += 1;
         e.work.push(Outstanding {
             id,
-            size,
-            served: 0.0,
+            job,
+            left: job,
             deadline,
             running: false,
         });
-        Ok(Ticket {
+        let ticket = Ticket {
             admission: self.clone(),
             id,
-            size,
-        })
+            expected_prompt: work.prompt_tokens,
+        };
+        Ok((ticket, slot_in))
     }
 
     fn take_queue_place(&self) -> Result<QueuePlace<'_>, AdmissionError> {
@@ -596,7 +662,7 @@ impl Admission {
             let mut e = self.estimate.lock().unwrap();
             e.advance(now);
             e.sample_tokens += size;
-            if e.engine_mark.is_none() && e.sample_busy >= SAMPLE_BUSY {
+            if e.engine_cost.is_none() && e.sample_busy >= SAMPLE_BUSY {
                 let rate = e.sample_tokens / e.sample_busy.as_secs_f64();
                 e.throughput = Some(ewma(e.throughput, rate));
                 e.sample_tokens = 0.0;
@@ -606,10 +672,10 @@ impl Admission {
                 let per_branch = done.generated_tokens as f64 / done.branches as f64;
                 e.output_per_branch = ewma(Some(e.output_per_branch), per_branch);
             }
-            let predicted = permit.ticket.size / e.size_scale;
-            if predicted > 0.0 {
-                let ratio = (size / predicted).clamp(0.25, 4.0);
-                e.size_scale = ewma(Some(e.size_scale), ratio);
+            let expected = permit.ticket.expected_prompt as f64;
+            if expected > 0.0 {
+                let ratio = (done.prompt_tokens as f64 / expected).clamp(0.25, 4.0);
+                e.prefill_scale = ewma(Some(e.prefill_scale), ratio);
             }
             let mean = ewma(e.mean_size, size);
             e.mean_size = Some(mean);
@@ -720,7 +786,7 @@ mod tests {
     fn hold(a: &Arc<Admission>, n: usize) -> Vec<Permit> {
         (0..n)
             .map(|_| {
-                let ticket = a.check(WORK, Instant::now(), far()).unwrap();
+                let (ticket, _) = a.check(WORK, Instant::now(), far()).unwrap();
                 let slot = a.slots.clone().try_acquire_owned().unwrap();
                 a.permit(slot, Instant::now(), ticket)
             })
@@ -730,7 +796,7 @@ mod tests {
     /// Finish one request of `DONE`'s size that took `service` of `busy` time, as if measured.
     fn measure(a: &Arc<Admission>, busy: Duration, service: Duration) {
         let now = Instant::now();
-        let ticket = a.check(WORK, now, far()).unwrap();
+        let (ticket, _) = a.check(WORK, now, far()).unwrap();
         {
             let mut e = a.estimate.lock().unwrap();
             e.last_change = now - busy;
@@ -848,12 +914,24 @@ mod tests {
         assert!(a.admit(WORK, deadline).await.is_ok());
     }
 
+    /// The engine's counters: `steps` and `prefill` tokens run so far, and a fitted step cost.
+    fn engine(steps: u64, prefill: u64, fixed: f64, per_token: f64) -> EngineStats {
+        EngineStats {
+            steps,
+            prefill_tokens: prefill,
+            step_budget: 100_000,
+            step_fixed_nanos: (fixed * 1e9).round() as u64,
+            step_token_nanos: (per_token * 1e9).round() as u64,
+            ..EngineStats::default()
+        }
+    }
+
     #[tokio::test]
     async fn a_newcomer_that_would_push_an_accepted_request_past_its_deadline_is_refused() {
         let a = admission(8, 8, 60_000);
-        // 700 tokens/s; each request predicts 1,400 tokens: 2 s alone, 4 s sharing with another.
-        measure(&a, Duration::from_secs(2), Duration::from_secs(1));
-        a.observe_engine(0, 0.0);
+        // 700 tokens/s, no fixed cost; each request is 1,000 prompt tokens and 200 decode steps
+        // of 2 rows: 2 s alone, 4 s sharing with another.
+        a.observe_engine(&engine(0, 0, 0.0, 1.0 / 700.0));
         let soon = Instant::now() + Duration::from_secs(4);
         let _accepted = a.admit(WORK, soon).await.unwrap();
         // Alone the newcomer fits its own (far) deadline, but sharing the engine it would end the
@@ -867,27 +945,84 @@ mod tests {
             "{retry_after:?}"
         );
         assert_eq!(a.estimate.lock().unwrap().work.len(), 1);
-        // The engine computes 1,000 tokens, all for the one running request: 400 left, so
-        // sharing with the newcomer it ends in 800 / 700 s, well within its time.
-        a.observe_engine(1_000, 0.5);
-        {
-            let e = a.estimate.lock().unwrap();
-            assert_eq!(e.work[0].served, 1_000.0);
-            assert_eq!(
-                e.throughput,
-                Some(700.0),
-                "half a second is no throughput sample"
-            );
-        }
+        // The engine computes the running request's 1,000 prompt tokens: with the newcomer's
+        // prompt in one step beside it (1,002 tokens, 1.43 s) and 199 decode steps of 4 rows
+        // after (1.14 s), it ends at 2.6 s, well within its time.
+        a.observe_engine(&engine(1, 1_000, 0.0, 1.0 / 700.0));
+        assert_eq!(a.estimate.lock().unwrap().work[0].left.prefill, 0.0);
         let second = a.admit(WORK, far()).await.unwrap();
-        // Served tokens are shared between the running requests, none beyond its size: of the
-        // next 1,000, the first takes the 400 it lacks and the second the rest.
-        a.observe_engine(2_000, 0.9);
+        // Every step goes to each running request past its prompt; prompt tokens first come
+        // first served.
+        a.observe_engine(&engine(51, 1_900, 0.0, 1.0 / 700.0));
         let e = a.estimate.lock().unwrap();
-        let served: Vec<f64> = e.work.iter().map(|w| w.served).collect();
-        assert_eq!(served, [1_400.0, 600.0]);
+        let left: Vec<(f64, f64)> = e
+            .work
+            .iter()
+            .map(|w| (w.left.prefill, w.left.steps))
+            .collect();
+        assert_eq!(left, [(0.0, 150.0), (100.0, 200.0)]);
         drop(e);
         drop(second);
+    }
+
+    /// A step costs a fixed part whatever its size: requests that decode drain at the decode
+    /// steps' pace, not at the tokens per second a prefill chunk reaches. One tokens-per-second
+    /// figure measured while the engine prefilled admitted work that was then cancelled.
+    #[tokio::test]
+    async fn decoding_is_predicted_at_the_pace_of_its_steps() {
+        let a = admission(8, 8, 60_000);
+        // 40 ms a step plus 0.5 ms a token: a 512-token chunk runs 10,000 tokens/s, a decode
+        // step of two rows 49 tokens/s.
+        a.observe_engine(&engine(0, 0, 0.04, 0.0005));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let _first = a.admit(WORK, deadline).await.unwrap();
+        // The first alone: 1,000 prompt tokens (0.54 s) then 200 steps of 2 rows (8.2 s). With a
+        // second beside it, 200 steps of 4 rows: 8.4 s. A third still fits 18 s.
+        let _second = a.admit(WORK, deadline).await.unwrap();
+        let (cost, budget) = a.estimate.lock().unwrap().cost().unwrap();
+        let at = a.estimate.lock().unwrap().schedule(cost, budget, None).1;
+        assert!((at[1] - (0.04 + 2_000.0 * 0.0005 + 200.0 * (0.04 + 4.0 * 0.0005))).abs() < 1e-9);
+        // Batching is nearly free while the step's fixed cost dominates: four requests end at
+        // 10.8 s, not at twice the 9.4 s of two.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(a.admit(WORK, deadline).await.unwrap());
+        }
+        let at = {
+            let e = a.estimate.lock().unwrap();
+            e.schedule(cost, budget, None).1
+        };
+        assert!(at.iter().all(|&t| t < 11.0), "{at:?}");
+        // A deadline of 5 s: refused, whatever the prompt's speed.
+        let refused = a.admit(WORK, Instant::now() + Duration::from_secs(5)).await;
+        assert!(
+            matches!(refused, Err(AdmissionError::WouldMissDeadline { .. })),
+            "{:?}",
+            refused.err()
+        );
+        drop(held);
+    }
+
+    /// A request waits for its slot about as long as predicted; when the slot is late it is
+    /// refused then, not cancelled at its deadline.
+    #[tokio::test]
+    async fn a_request_whose_slot_is_late_is_refused_soon() {
+        let a = admission(1, 8, 60_000);
+        // A running request predicted to be done at once.
+        a.observe_engine(&engine(0, 0, 0.0, 1e-9));
+        let _running = a.admit(WORK, far()).await.unwrap();
+        let started = Instant::now();
+        let refused = a.admit(WORK, far()).await.err();
+        let waited = started.elapsed();
+        assert!(
+            matches!(refused, Some(AdmissionError::WouldWaitForSlot { .. })),
+            "{refused:?}"
+        );
+        assert!(
+            waited >= SLOT_PATIENCE && waited < SLOT_PATIENCE * 2,
+            "{waited:?}"
+        );
+        assert_eq!(a.gauges.queued.get(), 0);
     }
 
     /// With every slot taken, a newcomer's prediction includes its wait for one: the running
@@ -899,8 +1034,12 @@ mod tests {
         let _running = a.admit(WORK, far()).await.unwrap();
         {
             let e = a.estimate.lock().unwrap();
-            let at = e.finishes(700.0, Some(1_400.0));
-            assert_eq!(at, [2.0, 4.0]);
+            let (cost, budget) = e.cost().unwrap();
+            let at = e.schedule(cost, budget, Some(e.job(WORK))).1;
+            assert!(
+                (at[0] - 2.0).abs() < 1e-9 && (at[1] - 4.0).abs() < 1e-9,
+                "{at:?}"
+            );
         }
         // The running request keeps its slot to itself (2 s, not the 4 s of sharing the engine
         // with the newcomer); the newcomer's 2 s of waiting plus 2 s of work pass 90% of 4 s.
@@ -962,42 +1101,25 @@ mod tests {
         assert_eq!(a.limit(), 16.0);
     }
 
+    /// The engine's fitted step cost (the start-up warm-up's steps give the first one, seen
+    /// at the first request) predicts before any request finishes, and finished requests do
+    /// not override it.
     #[tokio::test]
-    async fn the_engine_counters_give_the_throughput_without_any_request_finishing() {
+    async fn the_engine_step_cost_predicts_without_any_request_finishing() {
         let a = admission(8, 8, 60_000);
         // An engine that has run no step yet: no estimate.
-        a.observe_engine(0, 0.0);
-        assert!(a.estimate.lock().unwrap().throughput.is_none());
-        // Half a second of steps: too little for a sample.
-        a.observe_engine(500, 0.5);
-        assert!(a.estimate.lock().unwrap().throughput.is_none());
-        a.observe_engine(2_800, 2.0);
-        assert_eq!(a.estimate.lock().unwrap().throughput, Some(1_400.0));
-        // Busy: one request of 1,400 tokens outstanding, the next predicts 2 s and fits 10 s.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let _first = a.admit(WORK, deadline).await.unwrap();
-        assert!(a.admit(WORK, deadline).await.is_ok());
-        assert_eq!(a.gauges.predicted.get_sample_count(), 1);
-        // Finished requests no longer move it.
-        measure(&a, Duration::from_secs(100), Duration::from_secs(1));
-        assert_eq!(a.estimate.lock().unwrap().throughput, Some(1_400.0));
-    }
-
-    /// The warm-up generation's steps, seen at the first request, are the first estimate: the
-    /// requests that arrive before a full sample are predicted, not admitted blind.
-    #[tokio::test]
-    async fn the_warm_up_gives_the_first_estimate() {
-        let a = admission(8, 8, 60_000);
-        a.observe_engine(700, 1.0);
-        assert_eq!(a.estimate.lock().unwrap().throughput, Some(700.0));
+        a.observe_engine(&EngineStats::default());
+        assert!(a.estimate.lock().unwrap().cost().is_none());
+        a.observe_engine(&engine(10, 100, 0.0, 1.0 / 700.0));
         let deadline = Instant::now() + Duration::from_secs(3);
-        let _first = a.admit(WORK, deadline).await.unwrap();
-        // 1,400 tokens each at 700 tokens/s: the second would end both at 4 s, past 2.7 s.
+        let first = a.admit(WORK, deadline).await.unwrap();
+        // 2 s each alone at 700 tokens/s: the second would end both at 4 s, past 2.7 s.
         assert!(a.admit(WORK, deadline).await.is_err());
-        // A fresh engine (no steps before the first request) gives none.
-        let fresh = admission(8, 8, 60_000);
-        fresh.observe_engine(0, 0.0);
-        assert!(fresh.estimate.lock().unwrap().throughput.is_none());
+        assert_eq!(a.gauges.predicted.get_sample_count(), 1);
+        drop(first);
+        measure(&a, Duration::from_secs(100), Duration::from_secs(1));
+        let (cost, _) = a.estimate.lock().unwrap().cost().unwrap();
+        assert!((cost.per_token - 1.0 / 700.0).abs() < 1e-9, "{cost:?}");
     }
 
     #[tokio::test]

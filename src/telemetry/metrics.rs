@@ -354,7 +354,7 @@ impl Collector for EngineCollector {
                     c.inc_by(m.value);
                     c.collect()
                 }
-                Kind::Gauge => {
+                Kind::Gauge | Kind::NanosGauge => {
                     let g = prometheus::Gauge::new(m.name, m.help).expect("valid");
                     g.set(m.value);
                     g.collect()

@@ -46,6 +46,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use tokio::sync::oneshot;
 
+use super::stats::StepCostFit;
 use super::{
     Engine, EngineCounters, EngineError, FinishReason, GenerateRequest, Generation, ModelInfo,
     ModelSource, PromptMessage,
@@ -419,6 +420,8 @@ fn engine_loop(
         BlockManager::new(blocks, opts.prefix_cache),
         stats.clone(),
     );
+    stats.step_budget.store(opts.step_tokens as u64, Relaxed);
+    let mut cost = StepCostFit::default();
     let mut submissions = 0u64;
     let mut take = |s: Submission| {
         submissions += 1;
@@ -457,6 +460,7 @@ fn engine_loop(
             continue;
         }
 
+        let prefill = sched.prefill_scheduled();
         let runs = sched.runs();
         let batch = runs.len();
         let result = executor.run(&runs);
@@ -471,8 +475,13 @@ fn engine_loop(
         stats.steps.fetch_add(1, Relaxed);
         stats.step_sequences.fetch_add(batch as u64, Relaxed);
         stats.step_tokens.fetch_add(planned as u64, Relaxed);
-        let took = step_started.elapsed().as_micros() as u64;
-        stats.step_micros.fetch_add(took, Relaxed);
+        stats.prefill_tokens.fetch_add(prefill as u64, Relaxed);
+        let took = step_started.elapsed();
+        stats
+            .step_micros
+            .fetch_add(took.as_micros() as u64, Relaxed);
+        cost.add(planned, took.as_secs_f64());
+        cost.publish(&stats);
         sched.publish();
     }
 }

@@ -76,6 +76,14 @@ impl Scheduler {
         self.waiting.push_back(seq);
     }
 
+    /// Of the planned step's tokens, those of prompts (the rest are decode tokens).
+    pub(crate) fn prefill_scheduled(&self) -> usize {
+        (self.running.iter())
+            .filter(|s| s.is_prefilling())
+            .map(|s| s.scheduled)
+            .sum()
+    }
+
     /// The planned step: one run per scheduled sequence, in admission order.
     pub(crate) fn runs(&self) -> Vec<Run<'_>> {
         self.scheduled()
