@@ -255,7 +255,7 @@ if [[ $device == cuda ]]; then
     levels=1,8,32,128,256
     bench_env=(MEMEX_BENCH_MODELS="$model_name=$model" MEMEX_BENCH_MAX_RUNNING=256
         MEMEX_BENCH_KV_MB=48000 MEMEX_BENCH_STEP_TOKENS=16384 MEMEX_BENCH_DECODE_CHARS=150)
-    serve_flags=(--max-num-seqs 256 --kv-cache-mb 40000 --step-tokens 16384)
+    serve_flags=(--max-num-seqs 256 --kv-cache-mb 40000 --step-tokens 16384 --max-slot-wait 60)
     load_flags=(--concurrency 64 --duration 60 --size 1000)
 else
     # The dry run: the bench's own tiny model, small levels and outputs.
@@ -264,7 +264,7 @@ else
     phase models 30 "$bin/memex" tiny-model "$model"
     levels=1,4
     bench_env=(MEMEX_BENCH_DECODE_CHARS=32 MEMEX_BENCH_KV_MB=256)
-    serve_flags=(--max-num-seqs 16 --kv-cache-mb 256 --max-input-tokens 30000)
+    serve_flags=(--max-num-seqs 16 --kv-cache-mb 256 --max-input-tokens 30000 --max-slot-wait 60)
     load_flags=(--concurrency 4 --duration 10 --size 50)
 fi
 

@@ -248,6 +248,13 @@ pub struct ServeArgs {
     #[arg(long, env = "MEMEX_QUEUE_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub queue_timeout: f64,
 
+    /// Longest predicted wait for a generation slot a request is queued for, in seconds: a
+    /// longer one is refused at once, and a queued request whose slot comes later than this
+    /// (plus a quarter second) is refused then. The default keeps every refusal under half a
+    /// second; raise it for clients that would rather wait than retry.
+    #[arg(long, env = "MEMEX_MAX_SLOT_WAIT", default_value_t = 0.25, value_parser = seconds)]
+    pub max_slot_wait: f64,
+
     /// On SIGTERM/SIGINT, longest wait for accepted requests before exiting, in seconds.
     #[arg(long, env = "MEMEX_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub drain_timeout: f64,
@@ -392,6 +399,7 @@ impl ServeArgs {
             max_concurrent: self.max_concurrent as usize,
             max_queue: self.max_queue,
             queue_timeout: Duration::from_secs_f64(self.queue_timeout),
+            max_slot_wait: Duration::from_secs_f64(self.max_slot_wait),
             request_timeout: Duration::from_secs_f64(self.request_timeout),
         }
     }

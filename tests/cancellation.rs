@@ -43,8 +43,10 @@ async fn fifty_clients_disconnecting_mid_generation_leave_nothing_running() {
             "--max-queue",
             "64",
             // Every client is admitted (a slot or the queue): this test is about disconnects,
-            // not about refusing what would miss a deadline.
+            // not about refusing what would miss a deadline or wait long for a slot.
             "--request-timeout",
+            "3600",
+            "--max-slot-wait",
             "3600",
         ]
         .map(String::from),

@@ -81,6 +81,9 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
             "8",
             "--queue-timeout",
             "300",
+            // Queued, not refused for a wait longer than the default quarter second.
+            "--max-slot-wait",
+            "300",
             "--drain-timeout",
             "120",
         ]
@@ -212,6 +215,8 @@ async fn sigint_exits_zero_within_the_drain_timeout_even_with_work_left() {
             "--max-queue",
             "16",
             "--queue-timeout",
+            "300",
+            "--max-slot-wait",
             "300",
             "--drain-timeout",
             "0.5",

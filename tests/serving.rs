@@ -259,6 +259,9 @@ async fn beyond_the_queue_requests_get_503_at_once() {
             "1",
             "--queue-timeout",
             "120",
+            // The queue's own limits, not the predicted wait's.
+            "--max-slot-wait",
+            "120",
         ]
         .map(String::from),
     );
@@ -312,6 +315,8 @@ async fn queued_requests_time_out_with_503() {
             "8",
             "--queue-timeout",
             "0.05",
+            "--max-slot-wait",
+            "120",
         ]
         .map(String::from),
     );

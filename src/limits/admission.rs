@@ -15,7 +15,9 @@
 //!   engine's steps and prompt tokens dealt to it since it got its slot. A newcomer is refused at
 //!   once (503/50004, `Retry-After` of the excess) when it would finish past 90% of the time left
 //!   to its deadline, push an accepted request past 90% of that one's, or wait for a slot longer
-//!   than a fifth of its time left. Why steps and not tokens per second: on two cores a SmolLM2
+//!   than `--max-slot-wait` (0.25 s by default; raise it for clients that would rather wait
+//!   than retry: a burst beyond the adaptive limit at an idle server is otherwise refused, with
+//!   a `Retry-After` of the predicted wait). Why steps and not tokens per second: on two cores a SmolLM2
 //!   decode step of a few sequences is mostly its fixed part (the weights are read once per
 //!   step) and a 512-token prefill chunk mostly its per-token part, so one tokens-per-second
 //!   figure was several times off whenever the engine moved between the two; requests admitted
@@ -23,8 +25,9 @@
 //!   came after 29 s (`docs/performance.md`). An idle server (nothing outstanding) admits. The
 //!   first cost is the start-up warm-up generation's steps; an engine without counters
 //!   (mistralrs) is measured by finished requests per busy second instead, as a cost per token.
-//!   A request waits for its slot at most its predicted wait plus as much again (at least a
-//!   second) and is refused then; when it gets its slot it is checked again, and refused if it
+//!   A request queued on a prediction waits for its slot at most `--max-slot-wait` and a quarter
+//!   second more, and is refused then (so by default no refusal comes later than half a
+//!   second); when it gets its slot it is checked again, and refused if it
 //!   no longer fits the time it has left, before it uses the engine.
 //!   Measured on SmolLM2 at 4× overload before this: 120 of 168 requests got no answer within
 //!   the 30 s their clients waited, and not one 503 was sent (`docs/performance.md`).
@@ -63,6 +66,8 @@ pub struct AdmissionConfig {
     /// Requests waiting for a slot; 0 = no waiting.
     pub max_queue: usize,
     pub queue_timeout: Duration,
+    /// The longest predicted wait for a slot a request is queued for (`--max-slot-wait`).
+    pub max_slot_wait: Duration,
     /// The longest a request may take from arrival to answer (a client may ask for less).
     pub request_timeout: Duration,
 }
@@ -154,11 +159,12 @@ const EWMA: f64 = 0.3;
 const SAMPLE_BUSY: Duration = Duration::from_secs(2);
 /// A request is refused when its predicted completion passes this share of its time left.
 const ADMIT_SHARE: f64 = 0.9;
-/// A request is refused when it is predicted to wait for a slot longer than this share of its
-/// time left.
-const MAX_SLOT_WAIT_SHARE: f64 = 0.2;
-/// How much longer than predicted a request waits for its slot at least, before it is refused.
-const SLOT_PATIENCE: Duration = Duration::from_secs(1);
+/// How much longer than `--max-slot-wait` a request waits for its slot before it is refused:
+/// with the default 0.25 s of that flag, no refusal comes later than half a second after
+/// arrival. (Queueing for seconds made refusals late: on tiny at 4x overload, 3 of 182 refusals,
+/// queued in the first wave with their slots later than predicted, came after 2.6-2.8 s, and at
+/// 1.6% of the refusals they were the p99.)
+const SLOT_PATIENCE: Duration = Duration::from_millis(250);
 /// Output tokens per branch assumed before the first request finishes.
 const FIRST_OUTPUT_GUESS: f64 = 200.0;
 /// The adaptive limit starts here (or at the cap, if lower).
@@ -480,15 +486,16 @@ impl Admission {
         deadline: Instant,
     ) -> Result<Permit, AdmissionError> {
         let started = Instant::now();
-        let (ticket, slot_in) = self.check(work, started, deadline)?;
+        let (ticket, allowed_wait) = self.check(work, started, deadline)?;
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Ok(self.permit(slot, started, ticket));
         }
         let place = self.take_queue_place()?;
-        // A request waits for its slot about as long as predicted, not until its deadline: one
-        // whose slot is late is refused while the refusal is still quick, where it used to be
-        // cancelled at its deadline after it finally got one.
-        let patience = slot_in.map(|s| s + s.max(SLOT_PATIENCE));
+        // A request queued on a prediction waits for its slot about as long as it may be
+        // predicted to, not until its deadline: one whose slot is late is refused while the
+        // refusal is still quick, where it used to be cancelled at its deadline after it
+        // finally got one.
+        let patience = allowed_wait.map(|w| w + SLOT_PATIENCE);
         let latest = (started + self.config.queue_timeout).min(deadline);
         let impatient = patience.filter(|&p| started + p < latest);
         let wait_until = impatient.map_or(latest, |p| started + p);
@@ -549,7 +556,7 @@ impl Admission {
     ) -> Result<(Ticket, Option<Duration>), AdmissionError> {
         let mut e = self.estimate.lock().unwrap();
         let job = e.job(work);
-        let mut slot_in = None;
+        let mut allowed_wait = None;
         if let (Some((cost, step_budget)), false) = (e.cost(), e.work.is_empty()) {
             let (start, with) = e.schedule(cost, step_budget, Some(job));
             let predicted = with[with.len() - 1].min(1e6);
@@ -566,15 +573,18 @@ impl Admission {
             }
             // Nor wait long for a slot: the adaptive limit moves after it is admitted (it halves
             // when a request misses its deadline), and a long wait is where predictions failed:
-            // most requests cancelled at their deadline had waited 11-27 s for a slot.
-            let wait = left.mul_f64(MAX_SLOT_WAIT_SHARE);
+            // most requests cancelled at their deadline had waited 11-27 s for a slot. (Allowing
+            // waits in proportion to the slack a prediction leaves, so that a burst at an idle
+            // server queues, made late refusals again at the start of an overload: SmolLM2 4x,
+            // 1 of 55 after 2.9 s.)
+            let wait = self.config.max_slot_wait;
             if start > wait.as_secs_f64() {
                 return Err(AdmissionError::WouldWaitForSlot {
                     wait: Duration::from_secs_f64(start),
                     retry_after: Duration::from_secs_f64(start) - wait,
                 });
             }
-            slot_in = Some(Duration::from_secs_f64(start));
+            allowed_wait = Some(wait);
             // Nor may it push an accepted request past its deadline (one already predicted past
             // it is lost either way and does not block the rest).
             let without = e.schedule(cost, step_budget, None).1;
@@ -611,7 +621,7 @@ impl Admission {
             id,
             expected_prompt: work.prompt_tokens,
         };
-        Ok((ticket, slot_in))
+        Ok((ticket, allowed_wait))
     }
 
     fn take_queue_place(&self) -> Result<QueuePlace<'_>, AdmissionError> {
@@ -748,6 +758,7 @@ mod tests {
             max_concurrent,
             max_queue,
             queue_timeout: Duration::from_millis(timeout_ms),
+            max_slot_wait: Duration::from_millis(250),
             request_timeout: Duration::from_secs(30),
         }
     }
@@ -1003,8 +1014,8 @@ mod tests {
         drop(held);
     }
 
-    /// A request waits for its slot about as long as predicted; when the slot is late it is
-    /// refused then, not cancelled at its deadline.
+    /// A request waits for its slot about as long as it may be predicted to; when the slot is
+    /// late it is refused then, not cancelled at its deadline.
     #[tokio::test]
     async fn a_request_whose_slot_is_late_is_refused_soon() {
         let a = admission(1, 8, 60_000);
@@ -1012,14 +1023,16 @@ mod tests {
         a.observe_engine(&engine(0, 0, 0.0, 1e-9));
         let _running = a.admit(WORK, far()).await.unwrap();
         let started = Instant::now();
+        // It may wait `--max-slot-wait` (0.25 s here), and a quarter second more.
         let refused = a.admit(WORK, far()).await.err();
         let waited = started.elapsed();
         assert!(
             matches!(refused, Some(AdmissionError::WouldWaitForSlot { .. })),
             "{refused:?}"
         );
+        let patience = a.config.max_slot_wait + SLOT_PATIENCE;
         assert!(
-            waited >= SLOT_PATIENCE && waited < SLOT_PATIENCE * 2,
+            waited >= patience && waited < patience + Duration::from_millis(250),
             "{waited:?}"
         );
         assert_eq!(a.gauges.queued.get(), 0);
@@ -1052,7 +1065,7 @@ mod tests {
             "{refused:?}"
         );
         // 8 s: it would finish in time (4 s), but only after 2 s of waiting for the slot, more
-        // than the fifth of its time a request may wait.
+        // than a request may wait.
         let refused = a
             .admit(WORK, Instant::now() + Duration::from_secs(8))
             .await
@@ -1061,14 +1074,24 @@ mod tests {
             panic!("{refused:?}")
         };
         assert!((wait.as_secs_f64() - 2.0).abs() < 0.01, "{wait:?}");
-        // 20 s: 2 s of waiting is within its fifth: it queues.
-        let queued =
-            tokio::time::timeout(Duration::from_millis(20), a.admit(WORK, far_from_now(20))).await;
-        assert!(queued.is_err(), "queued, not refused");
+        assert_eq!(refused.unwrap().retry_after_secs(), 2);
     }
 
-    fn far_from_now(secs: u64) -> Instant {
-        Instant::now() + Duration::from_secs(secs)
+    /// A client that would rather wait: `--max-slot-wait` raised, the same newcomer queues.
+    #[tokio::test]
+    async fn a_raised_slot_wait_queues_instead() {
+        let a = admission_with(AdmissionConfig {
+            max_slot_wait: Duration::from_secs(3),
+            ..config(1, 8, 60_000)
+        });
+        measure(&a, Duration::from_secs(2), Duration::from_secs(1));
+        let _running = a.admit(WORK, far()).await.unwrap();
+        let queued = tokio::time::timeout(
+            Duration::from_millis(20),
+            a.admit(WORK, Instant::now() + Duration::from_secs(8)),
+        )
+        .await;
+        assert!(queued.is_err(), "queued, not refused");
     }
 
     #[tokio::test]

@@ -92,6 +92,9 @@ pub fn server() -> &'static TestServer {
                 "16",
                 "--queue-timeout",
                 "600",
+                // Queued behind the adaptive limit rather than refused for the wait.
+                "--max-slot-wait",
+                "600",
             ]
             .map(String::from),
         );
