@@ -11,7 +11,7 @@ use super::blocks::{
     scale_min_k4, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8_0,
 };
-use super::matmul::ActRow;
+use super::matmul::{ActRows, Lanes, GROUP};
 use super::QK;
 use std::arch::x86_64::*;
 
@@ -36,53 +36,127 @@ unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// Running sums of `R` rows' dot products.
+/// The combined scales of one block: one row's in a register, or a group's lanes.
+enum Scales {
+    One(__m256),
+    Group(Lanes),
+}
+
+/// Running sums of `R` rows' dot products (rows `x.row..x.row + R` of a group).
+///
+/// Every row's arithmetic is the same whatever `R`: a block adds `sum * (d_act * d_weight)` to
+/// its row, and an offset adds `m * s_act` with one rounding (an FMA), so a sequence's logits do
+/// not depend on how many rows share its step.
 struct Acc<const R: usize> {
     v: [__m256; R],
-    offset: [f32; R],
+    /// Lane `i`: the offsets of the group's row `i`.
+    offset: __m256,
+    /// The offsets of a one-row kernel, kept apart: for a decode step's single row, vector
+    /// loads, a multiply and a store of eight lanes per block cost more than one row's scalars.
+    offset1: f32,
 }
 
 impl<const R: usize> Acc<R> {
     #[inline(always)]
-    unsafe fn new() -> Self {
+    unsafe fn new(x: &ActRows, blocks: usize) -> Self {
+        // The kernels index `x` unchecked: the rows must lie in the group and its blocks must
+        // cover the weight row.
+        assert!(x.row + R <= GROUP && x.d.len() >= blocks && x.s.len() >= blocks);
+        assert!(x.qs.len() >= blocks * GROUP);
         Self {
             v: [_mm256_setzero_ps(); R],
-            offset: [0.0; R],
+            offset: _mm256_setzero_ps(),
+            offset1: 0.0,
         }
+    }
+
+    /// `d_act * d` at block `i`, for the rows' `lane`s.
+    #[inline(always)]
+    unsafe fn scales(x: &ActRows, i: usize, d: f32) -> Scales {
+        let da = x.d.get_unchecked(i);
+        if R == 1 {
+            // One row: a register broadcast. (Through a stack array, a scalar store and its
+            // reload stalled on store forwarding and decode ran at a third of its speed.)
+            Scales::One(_mm256_set1_ps(da.0.get_unchecked(x.row) * d))
+        } else {
+            // Several rows: one multiply and one store for the group, then a broadcast load per
+            // row (a load port each), measured faster than a lane permute per row.
+            let mut out = Lanes([0.0; GROUP]);
+            let p = _mm256_mul_ps(_mm256_load_ps(da.0.as_ptr()), _mm256_set1_ps(d));
+            _mm256_store_ps(out.0.as_mut_ptr(), p);
+            Scales::Group(out)
+        }
+    }
+
+    /// Row `r`'s scale from `scales`, in every lane.
+    #[inline(always)]
+    unsafe fn lane(x: &ActRows, scales: &Scales, r: usize) -> __m256 {
+        match scales {
+            Scales::One(v) => *v,
+            Scales::Group(l) => _mm256_broadcast_ss(l.0.get_unchecked(x.row + r)),
+        }
+    }
+
+    /// `offset += m * s_act` for the rows at block `i` (one rounding, as a vector FMA lane).
+    #[inline(always)]
+    unsafe fn add_offset(&mut self, x: &ActRows, i: usize, m: f32) {
+        if R == 1 {
+            self.offset1 = m.mul_add(*x.s.get_unchecked(i).0.get_unchecked(x.row), self.offset1);
+        } else {
+            let s = _mm256_load_ps(x.s.get_unchecked(i).0.as_ptr());
+            self.offset = _mm256_fmadd_ps(_mm256_set1_ps(m), s, self.offset);
+        }
+    }
+
+    /// Row `r`'s activation values at block `i`.
+    #[inline(always)]
+    unsafe fn act(x: &ActRows, i: usize, r: usize) -> __m256i {
+        _mm256_load_si256(x.qs.get_unchecked(i * GROUP + x.row + r).0.as_ptr() as *const __m256i)
     }
 
     /// Sub-block `i` of every row: values `d*q + m`, `q` unsigned below 64.
     #[inline(always)]
-    unsafe fn unsigned(&mut self, x: &[ActRow; R], i: usize, d: f32, m: f32, q: __m256i) {
-        // The weight's scale is broadcast once per block, each row's is a broadcast load.
-        let dw = _mm256_set1_ps(d);
-        for ((x, v), offset) in x.iter().zip(&mut self.v).zip(&mut self.offset) {
-            let p = _mm256_load_si256(x.qs.get_unchecked(i).0.as_ptr() as *const __m256i);
-            let ds = x.ds.get_unchecked(i);
-            let t = _mm256_mul_ps(mul_sum_us8(q, p), _mm256_broadcast_ss(&ds[0]));
-            *v = _mm256_fmadd_ps(t, dw, *v);
-            *offset += m * ds[1];
+    unsafe fn unsigned(&mut self, x: &ActRows, i: usize, d: f32, m: f32, q: __m256i) {
+        self.add_offset(x, i, m);
+        let sc = Self::scales(x, i, d);
+        for (r, v) in self.v.iter_mut().enumerate() {
+            let t = mul_sum_us8(q, Self::act(x, i, r));
+            *v = _mm256_fmadd_ps(t, Self::lane(x, &sc, r), *v);
         }
     }
 
-    /// Sub-block `i` of every row: values `d*q`, `q` signed in -127..=127, `d` per f32
-    /// lane (so per 4 values).
+    /// Sub-block `i` of every row: values `d*q`, `q` signed in -127..=127.
     #[inline(always)]
-    unsafe fn signed(&mut self, x: &[ActRow; R], i: usize, d: __m256, q: __m256i) {
+    unsafe fn signed(&mut self, x: &ActRows, i: usize, d: f32, q: __m256i) {
         // maddubs wants one unsigned side: move the weight's sign onto the activation.
         let qa = _mm256_sign_epi8(q, q);
-        for (x, v) in x.iter().zip(&mut self.v) {
-            let p = _mm256_load_si256(x.qs.get_unchecked(i).0.as_ptr() as *const __m256i);
-            let ps = _mm256_sign_epi8(p, q);
-            let d_act = &x.ds.get_unchecked(i)[0];
-            let t = _mm256_mul_ps(mul_sum_us8(qa, ps), _mm256_broadcast_ss(d_act));
+        let sc = Self::scales(x, i, d);
+        for (r, v) in self.v.iter_mut().enumerate() {
+            let t = mul_sum_us8(qa, _mm256_sign_epi8(Self::act(x, i, r), q));
+            *v = _mm256_fmadd_ps(t, Self::lane(x, &sc, r), *v);
+        }
+    }
+
+    /// As `signed`, with the weight's scale `d` per f32 lane (so per 4 values).
+    #[inline(always)]
+    unsafe fn signed_lanes(&mut self, x: &ActRows, i: usize, d: __m256, q: __m256i) {
+        let qa = _mm256_sign_epi8(q, q);
+        let da = x.d.get_unchecked(i);
+        for (r, v) in self.v.iter_mut().enumerate() {
+            let t = mul_sum_us8(qa, _mm256_sign_epi8(Self::act(x, i, r), q));
+            let t = _mm256_mul_ps(t, _mm256_broadcast_ss(da.0.get_unchecked(x.row + r)));
             *v = _mm256_fmadd_ps(t, d, *v);
         }
     }
 
     #[inline(always)]
-    unsafe fn finish(self) -> [f32; R] {
-        std::array::from_fn(|r| hsum(self.v[r]) + self.offset[r])
+    unsafe fn finish(self, x: &ActRows) -> [f32; R] {
+        if R == 1 {
+            return std::array::from_fn(|r| hsum(self.v[r]) + self.offset1);
+        }
+        let mut offset = Lanes([0.0; GROUP]);
+        _mm256_store_ps(offset.0.as_mut_ptr(), self.offset);
+        std::array::from_fn(|r| hsum(self.v[r]) + offset.0[x.row + r])
     }
 }
 
@@ -117,56 +191,56 @@ unsafe fn bit_as_16(qh: __m256i, bit: u8) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-pub(super) unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len());
     for (i, b) in w.iter().enumerate() {
         let d = f16(b.d);
         acc.unsigned(&x, i, d, -8.0 * d, nibbles(&b.qs));
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
-pub(super) unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len());
     for (i, b) in w.iter().enumerate() {
         acc.unsigned(&x, i, f16(b.d), f16(b.m), nibbles(&b.qs));
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
-pub(super) unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len());
     for (i, b) in w.iter().enumerate() {
         let d = f16(b.d);
         let q = _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh));
         acc.unsigned(&x, i, d, -16.0 * d, q);
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
-pub(super) unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len());
     for (i, b) in w.iter().enumerate() {
         let q = _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh));
         acc.unsigned(&x, i, f16(b.d), f16(b.m), q);
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
-pub(super) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len());
     for (i, b) in w.iter().enumerate() {
         let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        acc.signed(&x, i, _mm256_set1_ps(f16(b.d)), q);
+        acc.signed(&x, i, f16(b.d), q);
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
 /// Q4_K and Q5_K: sub-block `s` of a superblock is `d*sc_s*q - dmin*m_s`.
 #[inline(always)]
 unsafe fn k4_sub<const R: usize>(
     acc: &mut Acc<R>,
-    x: &[ActRow; R],
+    x: &ActRows,
     i: usize,
     (d, dmin, scales): (f32, f32, &[u8; 12]),
     s: usize,
@@ -176,8 +250,8 @@ unsafe fn k4_sub<const R: usize>(
     acc.unsigned(x, i * 8 + s, d * sc as f32, -dmin * m as f32, q);
 }
 
-pub(super) unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len() * 8);
     let mask = _mm256_set1_epi8(0x0F);
     for (i, b) in w.iter().enumerate() {
         let ds = (f16(b.d), f16(b.dmin), &b.scales);
@@ -188,11 +262,11 @@ pub(super) unsafe fn q4k<const R: usize>(w: &[BlockQ4K], x: [ActRow; R]) -> [f32
             k4_sub(&mut acc, &x, i, ds, 2 * c + 1, high);
         }
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
-pub(super) unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len() * 8);
     let mask = _mm256_set1_epi8(0x0F);
     for (i, b) in w.iter().enumerate() {
         let ds = (f16(b.d), f16(b.dmin), &b.scales);
@@ -208,11 +282,11 @@ pub(super) unsafe fn q5k<const R: usize>(w: &[BlockQ5K], x: [ActRow; R]) -> [f32
             k4_sub(&mut acc, &x, i, ds, 2 * c + 1, high);
         }
     }
-    acc.finish()
+    acc.finish(&x)
 }
 
-pub(super) unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: [ActRow; R]) -> [f32; R] {
-    let mut acc = Acc::<R>::new();
+pub(super) unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: ActRows) -> [f32; R] {
+    let mut acc = Acc::<R>::new(&x, w.len() * 8);
     let (mask4, mask2, m32) = (
         _mm256_set1_epi8(0x0F),
         _mm256_set1_epi8(0x03),
@@ -240,9 +314,9 @@ pub(super) unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: [ActRow; R]) -> [f32
                     _mm_set1_ps(d * b.scales[sc + 1] as f32),
                     _mm_set1_ps(d * b.scales[sc] as f32),
                 );
-                acc.signed(&x, i * 8 + 4 * h + t, ds, q);
+                acc.signed_lanes(&x, i * 8 + 4 * h + t, ds, q);
             }
         }
     }
-    acc.finish()
+    acc.finish(&x)
 }

@@ -7,7 +7,9 @@ use anyhow::bail;
 
 #[cfg(target_feature = "avx2")]
 use super::avx;
-use super::matmul::ActRow;
+use super::matmul::ActRows;
+#[cfg(not(target_feature = "avx2"))]
+use super::matmul::GROUP;
 use super::QK;
 
 /// The GGUF bytes of blocks held as `repr(C)` mirrors of the GGUF layout (the inverse of
@@ -134,18 +136,20 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
-/// A weight block type with a dot product against activation blocks, for 1 and 4 rows.
+/// A weight block type with a dot product against activation blocks, for 1, 4 and 8 rows of a
+/// group.
 pub(super) trait Block: Copy + Send + Sync {
     /// Activation blocks (of `QK` values) one weight block spans.
     const ACTS: usize = 1;
-    fn dot(w: &[Self], x: ActRow) -> f32;
-    /// Four activation rows against one weight row: each weight block is decoded once.
-    fn dot4(w: &[Self], x: [ActRow; 4]) -> [f32; 4] {
-        x.map(|x| Self::dot(w, x))
+    /// Row `x.row` of the group.
+    fn dot(w: &[Self], x: ActRows) -> f32;
+    /// Rows `x.row..x.row + 4` against one weight row: each weight block is decoded once.
+    fn dot4(w: &[Self], x: ActRows) -> [f32; 4] {
+        std::array::from_fn(|i| Self::dot(w, x.skip(i)))
     }
-    /// Eight activation rows against one weight row.
-    fn dot8(w: &[Self], x: [ActRow; 8]) -> [f32; 8] {
-        x.map(|x| Self::dot(w, x))
+    /// Rows `x.row..x.row + 8` (the whole group) against one weight row.
+    fn dot8(w: &[Self], x: ActRows) -> [f32; 8] {
+        std::array::from_fn(|i| Self::dot(w, x.skip(i)))
     }
     /// The block's values (`ACTS * QK` of them): the layout as the kernels read it, checked
     /// against candle's dequantization and used where AVX2 is missing.
@@ -159,30 +163,31 @@ macro_rules! kernels {
         impl Block for $block {
             $(const ACTS: usize = $acts;)?
             #[cfg(target_feature = "avx2")]
-            fn dot(w: &[Self], x: ActRow) -> f32 {
-                // SAFETY: compiled only where AVX2 is enabled for the whole crate; `x` spans
-                // `w` (the caller slices both from one row).
-                unsafe { avx::$rows::<1>(w, [x])[0] }
+            fn dot(w: &[Self], x: ActRows) -> f32 {
+                // SAFETY: compiled only where AVX2 is enabled for the whole crate; the kernel
+                // checks that `x` spans `w` and that its rows lie in the group.
+                unsafe { avx::$rows::<1>(w, x)[0] }
             }
             #[cfg(target_feature = "avx2")]
-            fn dot4(w: &[Self], x: [ActRow; 4]) -> [f32; 4] {
+            fn dot4(w: &[Self], x: ActRows) -> [f32; 4] {
                 unsafe { avx::$rows::<4>(w, x) }
             }
             #[cfg(target_feature = "avx2")]
-            fn dot8(w: &[Self], x: [ActRow; 8]) -> [f32; 8] {
+            fn dot8(w: &[Self], x: ActRows) -> [f32; 8] {
                 unsafe { avx::$rows::<8>(w, x) }
             }
             #[cfg(not(target_feature = "avx2"))]
-            fn dot(w: &[Self], x: ActRow) -> f32 {
+            fn dot(w: &[Self], x: ActRows) -> f32 {
                 let mut v = [0f32; QK * 8];
                 let v = &mut v[..QK * Self::ACTS];
                 let mut sum = 0.0;
-                let acts = x.qs.chunks_exact(Self::ACTS).zip(x.ds.chunks_exact(Self::ACTS));
-                for (b, (qs, ds)) in w.iter().zip(acts) {
+                for (wi, b) in w.iter().enumerate() {
                     b.values(v);
-                    for ((vs, q), d) in v.chunks_exact(QK).zip(qs).zip(ds) {
-                        let s: f32 = vs.iter().zip(&q.0).map(|(&v, &q)| v * q as f32).sum();
-                        sum += s * d[0];
+                    for (a, vs) in v.chunks_exact(QK).enumerate() {
+                        let i = wi * Self::ACTS + a;
+                        let q = &x.qs[i * GROUP + x.row].0;
+                        let s: f32 = vs.iter().zip(q).map(|(&v, &q)| v * q as f32).sum();
+                        sum += s * x.d[i].0[x.row];
                     }
                 }
                 sum

@@ -8,27 +8,57 @@ use rayon::prelude::*;
 use super::blocks::Block;
 use super::QK;
 
-/// 32 activation values of a block, as `d * qs[i]` (`d` is in the row's `ds`): one aligned
-/// load. The values sit apart from their scales so that a row's blocks are dense: with the
-/// scales inside, a block took a whole 64-byte line (aligned) or most loads crossed a line
+/// 32 activation values of a block, as `d * qs[i]` (`d` is in the group's `d` lanes): one
+/// aligned load. The values sit apart from their scales so that a row's blocks are dense: with
+/// the scales inside, a block took a whole 64-byte line (aligned) or most loads crossed a line
 /// (40 bytes unaligned), and a 16-row activation tile of a 896-wide input no longer fitted L1
 /// beside the streaming weights.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 pub(super) struct ActValues(pub(super) [i8; QK]);
 
-/// One quantized activation row: block `b` is `ds[b][0] * qs[b]`, and `ds[b][1]` is
-/// `ds[b][0] * Σ qs[b]` (what an offset or a min multiplies).
+/// Activation rows are quantized in groups of this many, interleaved block by block: the most
+/// rows a kernel takes at once.
+pub(super) const GROUP: usize = 8;
+
+/// One f32 per row of a group (lane `i` is row `i`), aligned for one vector load.
 #[derive(Clone, Copy)]
-pub(super) struct ActRow<'a> {
+#[repr(C, align(32))]
+pub(super) struct Lanes(pub(super) [f32; GROUP]);
+
+/// Rows `row..` of one group of quantized activation rows: block `b` of the group's row `i` is
+/// `d[b].0[i] * qs[b * GROUP + i]`, and `s[b].0[i]` is `d[b].0[i] * Σ qs[b * GROUP + i]` (what
+/// an offset or a min multiplies).
+///
+/// Interleaving the group's rows block by block lets an 8-row kernel address all of them from
+/// one pointer, take the eight rows' scales in one load, and multiply them by the weight's
+/// scale (and the mins by their sums) once per block instead of once per row. With one pointer
+/// pair per row, sixteen pointers spilled to the stack, and the per-row scale multiply and
+/// scalar offset were a third of the unsigned kernels' instructions.
+#[derive(Clone, Copy)]
+pub(super) struct ActRows<'a> {
     pub(super) qs: &'a [ActValues],
-    pub(super) ds: &'a [[f32; 2]],
+    pub(super) d: &'a [Lanes],
+    pub(super) s: &'a [Lanes],
+    /// The first row taken, within the group; a kernel of `R` rows takes `row..row + R`.
+    pub(super) row: usize,
 }
 
-/// A step's activations quantized in blocks of `QK`, row after row.
+impl ActRows<'_> {
+    /// The same group from row `row + i`.
+    pub(super) fn skip(self, i: usize) -> Self {
+        Self {
+            row: self.row + i,
+            ..self
+        }
+    }
+}
+
+/// A step's activations quantized in blocks of `QK`, in groups of `GROUP` rows.
 struct Acts {
     qs: Vec<ActValues>,
-    ds: Vec<[f32; 2]>,
+    d: Vec<Lanes>,
+    s: Vec<Lanes>,
     /// Blocks per row.
     kb: usize,
 }
@@ -36,41 +66,63 @@ struct Acts {
 impl Acts {
     fn quantize(x: &[f32], m: usize, k: usize) -> Self {
         let kb = k / QK;
-        let mut qs = vec![ActValues([0; QK]); m * kb];
-        let mut ds = vec![[0f32; 2]; m * kb];
-        if m >= 16 {
-            qs.par_chunks_mut(kb)
-                .zip(ds.par_chunks_mut(kb))
-                .zip(x.par_chunks(k))
-                .for_each(|((q, d), x)| quantize_row(x, q, d));
+        let groups = m.div_ceil(GROUP);
+        // Padding rows of the last group stay zero: kernels never return them.
+        let mut qs = vec![ActValues([0; QK]); groups * kb * GROUP];
+        let mut d = vec![Lanes([0.0; GROUP]); groups * kb];
+        let mut s = vec![Lanes([0.0; GROUP]); groups * kb];
+        let (gq, gd) = (kb * GROUP, kb);
+        if m >= 2 * GROUP {
+            qs.par_chunks_mut(gq)
+                .zip(d.par_chunks_mut(gd))
+                .zip(s.par_chunks_mut(gd))
+                .zip(x.par_chunks(k * GROUP))
+                .for_each(|(((qs, d), s), x)| quantize_group(x, k, qs, d, s));
         } else {
-            for ((q, d), x) in qs.chunks_mut(kb).zip(ds.chunks_mut(kb)).zip(x.chunks(k)) {
-                quantize_row(x, q, d);
+            for (((qs, d), s), x) in qs
+                .chunks_mut(gq)
+                .zip(d.chunks_mut(gd))
+                .zip(s.chunks_mut(gd))
+                .zip(x.chunks(k * GROUP))
+            {
+                quantize_group(x, k, qs, d, s);
             }
         }
-        Self { qs, ds, kb }
+        Self { qs, d, s, kb }
     }
 
-    fn row(&self, r: usize) -> ActRow<'_> {
-        let b = r * self.kb..(r + 1) * self.kb;
-        ActRow {
-            qs: &self.qs[b.clone()],
-            ds: &self.ds[b],
+    /// Row `r` onwards, within its group.
+    fn rows(&self, r: usize) -> ActRows<'_> {
+        let g = r / GROUP;
+        ActRows {
+            qs: &self.qs[g * self.kb * GROUP..(g + 1) * self.kb * GROUP],
+            d: &self.d[g * self.kb..(g + 1) * self.kb],
+            s: &self.s[g * self.kb..(g + 1) * self.kb],
+            row: r % GROUP,
         }
     }
 }
 
-fn quantize_row(x: &[f32], qs: &mut [ActValues], ds: &mut [[f32; 2]]) {
-    for ((b, d), xs) in qs.iter_mut().zip(ds).zip(x.chunks_exact(QK)) {
+/// Quantize one group's rows (`x` holds up to `GROUP` rows of `k` values).
+fn quantize_group(x: &[f32], k: usize, qs: &mut [ActValues], d: &mut [Lanes], s: &mut [Lanes]) {
+    for (i, x) in x.chunks(k).enumerate() {
+        quantize_row(x, i, qs, d, s);
+    }
+}
+
+/// Quantize row `i` of a group.
+fn quantize_row(x: &[f32], i: usize, qs: &mut [ActValues], d: &mut [Lanes], s: &mut [Lanes]) {
+    for (b, xs) in x.chunks_exact(QK).enumerate() {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
-        for (q, &v) in b.0.iter_mut().zip(xs) {
+        for (q, &v) in qs[b * GROUP + i].0.iter_mut().zip(xs) {
             *q = (v * id).round() as i8;
             sum += *q as i32;
         }
-        *d = [scale, scale * sum as f32];
+        d[b].0[i] = scale;
+        s[b].0[i] = scale * sum as f32;
     }
 }
 
@@ -99,7 +151,7 @@ pub(super) fn quantized_rows<B: Block>(
     // activation tile streamed the task's weights (0.75 MB for Qwen2.5-0.5B's gate/up) from L3
     // again.
     let rows_per_w_tile = (W_TILE_BYTES / (wb * std::mem::size_of::<B>()).max(1)).max(1);
-    let act_block_bytes = std::mem::size_of::<ActValues>() + std::mem::size_of::<[f32; 2]>();
+    let act_block_bytes = std::mem::size_of::<ActValues>() + 2 * std::mem::size_of::<f32>();
     let row_tile = (A_TILE_BYTES / (acts.kb * act_block_bytes).max(1)).clamp(8, 32) / 8 * 8;
     by_weight_rows(m, n, |cols, out| {
         for w0 in cols.clone().step_by(rows_per_w_tile) {
@@ -110,17 +162,17 @@ pub(super) fn quantized_rows<B: Block>(
                     let wrow = &w[j * wb..(j + 1) * wb];
                     let mut r = r0;
                     while r + 8 <= r1 {
-                        let v = B::dot8(wrow, std::array::from_fn(|i| acts.row(r + i)));
+                        let v = B::dot8(wrow, acts.rows(r));
                         out.put(r, j, &v);
                         r += 8;
                     }
                     while r + 4 <= r1 {
-                        let v = B::dot4(wrow, std::array::from_fn(|i| acts.row(r + i)));
+                        let v = B::dot4(wrow, acts.rows(r));
                         out.put(r, j, &v);
                         r += 4;
                     }
                     for r in r..r1 {
-                        out.put(r, j, &[B::dot(wrow, acts.row(r))]);
+                        out.put(r, j, &[B::dot(wrow, acts.rows(r))]);
                     }
                 }
             }
