@@ -185,8 +185,9 @@ const W_TILE_BYTES: usize = 128 << 10;
 /// Activation bytes per tile, rounded down to whole 8-row groups: 16 rows of a 896-wide input
 /// (16 KiB) stay in a 32 KiB L1 while weight rows stream past. Measured on Qwen2.5-0.5B
 /// `Q4_K_M` prefill: 32-row tiles of 40-byte blocks 61 tok/s; 8 rows per weight decode instead
-/// of 4, 72; aligned 64-byte blocks, 79; 16-row tiles, 81; values apart from scales (36 bytes a
-/// block), see `docs/performance.md`.
+/// of 4, 72; aligned 64-byte blocks, 79; 16-row tiles, 81; values apart from scales (a block is
+/// 32 bytes of values and 8 of scales), then rows interleaved in groups, see
+/// `docs/performance.md`.
 const A_TILE_BYTES: usize = 16 << 10;
 
 /// The `[m, n]` output of one task of [`by_weight_rows`]: it may write only its own columns.

@@ -6,9 +6,10 @@
 //! slice of weight rows and dots every activation row against them, in tiles that stay in cache,
 //! so the weights cross the memory bus once per step whatever the batch. Every type of the GGUF
 //! files people bring (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the Q4_K, Q5_K and Q6_K of `Q4_K_M`,
-//! `Q5_K_M` and `Q6_K` files) has an AVX2 kernel that decodes each weight block once for four
-//! activation rows. Before the K-quant and Q5 kernels, a shipped Qwen2.5-0.5B `Q4_K_M` prefilled
-//! at 45 tokens/s through candle's per-block code against 61-65 now (`docs/performance.md`).
+//! `Q5_K_M` and `Q6_K` files) has an AVX2 kernel that decodes each weight block once for up to
+//! eight activation rows, taken from a group of eight rows interleaved block by block. Before
+//! the K-quant and Q5 kernels, a shipped Qwen2.5-0.5B `Q4_K_M` prefilled at 45 tokens/s through
+//! candle's per-block code; 78-88 now on a Zen 3 core pair (`docs/performance.md`).
 //! Other GGUF types (Q2_K, Q3_K) use candle's block dot products with the same row reuse; dense
 //! weights go through candle's gemm.
 //!
