@@ -284,6 +284,7 @@ impl Estimate {
         let mut out = vec![f64::INFINITY; n];
         let (mut now, mut last_start) = (0.0, 0.0);
         for _ in 0..MAX_SIMULATED_STEPS {
+            let before = running.len();
             while running.len() < limit {
                 let Some(i) = waiting.pop_front() else { break };
                 if i + 1 == n {
@@ -294,8 +295,11 @@ impl Estimate {
             if running.is_empty() {
                 break;
             }
-            // Running keeps arrival order, as the engine admits: its prefill order.
-            running.sort_unstable();
+            // Running keeps arrival order, as the engine admits: its prefill order. It starts
+            // sorted and `retain` keeps the order, so only a step that took in requests sorts.
+            if running.len() > before {
+                running.sort_unstable();
+            }
             let decoding: Vec<usize> = (running.iter().copied())
                 .filter(|&i| jobs[i].prefill <= 0.0)
                 .collect();
