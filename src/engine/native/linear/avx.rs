@@ -125,19 +125,8 @@ impl<const R: usize> Acc<R> {
         }
     }
 
-    /// Sub-block `i` of every row: values `d*q`, `q` signed in -127..=127.
-    #[inline(always)]
-    unsafe fn signed(&mut self, x: &ActRows, i: usize, d: f32, q: __m256i) {
-        // maddubs wants one unsigned side: move the weight's sign onto the activation.
-        let qa = _mm256_sign_epi8(q, q);
-        let sc = Self::scales(x, i, d);
-        for (r, v) in self.v.iter_mut().enumerate() {
-            let t = mul_sum_us8(qa, _mm256_sign_epi8(Self::act(x, i, r), q));
-            *v = _mm256_fmadd_ps(t, Self::lane(x, &sc, r), *v);
-        }
-    }
-
-    /// As `signed`, with the weight's scale `d` per f32 lane (so per 4 values).
+    /// Sub-block `i` of every row: values `q` signed in -127..=127, with the weight's scale `d`
+    /// per f32 lane (so per 4 values).
     #[inline(always)]
     unsafe fn signed_lanes(&mut self, x: &ActRows, i: usize, d: __m256, q: __m256i) {
         let qa = _mm256_sign_epi8(q, q);
@@ -227,13 +216,149 @@ pub(super) unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: ActRows) -> [f32; 
     acc.finish(&x)
 }
 
+/// Q8_0: every output is `Σ_blocks fma(E, d_act * d_weight, acc)` in block order, where `E`
+/// is the block's exact integer dot product. Integers add exactly in any order, so the kernels
+/// below may sum a block's products across lanes however suits their shape (eight activation
+/// rows, four, one, or one row against eight weight rows) and still give every output the same
+/// bits. Against the kernels that convert and scale each row's eight partial lanes per block,
+/// a group of eight rows converts, scales and accumulates once per block instead of eight
+/// times.
 pub(super) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: ActRows) -> [f32; R] {
-    let mut acc = Acc::<R>::new(&x, w.len());
+    match R {
+        GROUP => {
+            let v = q8_0_group(w, x);
+            std::array::from_fn(|r| v[r])
+        }
+        4 => {
+            let v = q8_0_four(w, x);
+            std::array::from_fn(|r| v[r])
+        }
+        _ => std::array::from_fn(|r| q8_0_one(w, x.skip(r))),
+    }
+}
+
+/// One block's exact integer products of 32 signed values against 32 signed activation
+/// values, in eight i32 lanes.
+#[inline(always)]
+unsafe fn q8_products(q: __m256i, qa: __m256i, a: __m256i) -> __m256i {
+    // maddubs wants one unsigned side: the weight's magnitude, its sign moved onto the
+    // activation. Pairs of products fit i16 (2 * 127 * 127), and madd widens them exactly.
+    _mm256_madd_epi16(
+        _mm256_maddubs_epi16(qa, _mm256_sign_epi8(a, q)),
+        _mm256_set1_epi16(1),
+    )
+}
+
+/// Row `r`'s activation values at block `i`.
+#[inline(always)]
+unsafe fn act(x: &ActRows, i: usize, r: usize) -> __m256i {
+    _mm256_load_si256(x.qs.get_unchecked(i * GROUP + r).0.as_ptr() as *const __m256i)
+}
+
+/// Lane `i`: the sum of `v[i]`'s eight lanes (exact: integers).
+#[inline(always)]
+unsafe fn lane_sums8(v: &[__m256i; 8]) -> __m256i {
+    let (lo, hi) = (lane_sums4_halves(&v[..4]), lane_sums4_halves(&v[4..]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(lo, hi),
+        _mm256_permute2x128_si256::<0x31>(lo, hi),
+    )
+}
+
+/// `[Σ low half of v[0..4] | Σ high half of v[0..4]]`: `hadd` works within 128-bit halves.
+#[inline(always)]
+unsafe fn lane_sums4_halves(v: &[__m256i]) -> __m256i {
+    _mm256_hadd_epi32(
+        _mm256_hadd_epi32(v[0], v[1]),
+        _mm256_hadd_epi32(v[2], v[3]),
+    )
+}
+
+/// All eight rows of a group.
+unsafe fn q8_0_group(w: &[BlockQ8_0], x: ActRows) -> [f32; GROUP] {
+    // Unchecked below: the group's blocks cover the weight row.
+    assert!(x.row == 0 && x.d.len() >= w.len() && x.qs.len() >= w.len() * GROUP);
+    let mut acc = _mm256_setzero_ps();
     for (i, b) in w.iter().enumerate() {
         let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        acc.signed(&x, i, f16(b.d), q);
+        let qa = _mm256_sign_epi8(q, q);
+        let e: [__m256i; GROUP] = std::array::from_fn(|r| q8_products(q, qa, act(&x, i, r)));
+        let e = _mm256_cvtepi32_ps(lane_sums8(&e));
+        let da = _mm256_load_ps(x.d.get_unchecked(i).0.as_ptr());
+        acc = _mm256_fmadd_ps(e, _mm256_mul_ps(da, _mm256_set1_ps(f16(b.d))), acc);
     }
-    acc.finish(&x)
+    let mut out = [0f32; GROUP];
+    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// Rows `x.row..x.row + 4` (the first or second half of a group).
+unsafe fn q8_0_four(w: &[BlockQ8_0], x: ActRows) -> [f32; 4] {
+    assert!(x.row + 4 <= GROUP && x.d.len() >= w.len() && x.qs.len() >= w.len() * GROUP);
+    let mut acc = _mm_setzero_ps();
+    for (i, b) in w.iter().enumerate() {
+        let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+        let qa = _mm256_sign_epi8(q, q);
+        let e: [__m256i; 4] = std::array::from_fn(|r| q8_products(q, qa, act(&x, i, x.row + r)));
+        let halves = lane_sums4_halves(&e);
+        let e = _mm_add_epi32(
+            _mm256_castsi256_si128(halves),
+            _mm256_extracti128_si256::<1>(halves),
+        );
+        let da = _mm_loadu_ps(x.d.get_unchecked(i).0.as_ptr().add(x.row));
+        let s = _mm_mul_ps(da, _mm_set1_ps(f16(b.d)));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(e), s, acc);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// Row `x.row` alone.
+unsafe fn q8_0_one(w: &[BlockQ8_0], x: ActRows) -> f32 {
+    assert!(x.row < GROUP && x.d.len() >= w.len() && x.qs.len() >= w.len() * GROUP);
+    let mut acc = 0f32;
+    for (i, b) in w.iter().enumerate() {
+        let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+        let e = q8_products(q, _mm256_sign_epi8(q, q), act(&x, i, x.row));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(e), _mm256_extracti128_si256::<1>(e));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+        let e = _mm_cvtsi128_si32(s) as f32;
+        acc = e.mul_add(x.d.get_unchecked(i).0.get_unchecked(x.row) * f16(b.d), acc);
+    }
+    acc
+}
+
+/// Row `x.row` against the eight weight rows `w[j * wb..(j + 1) * wb]` (`j < 8`): a decode
+/// step's single row, eight outputs per vector.
+pub(super) unsafe fn q8_0_w8(w: &[BlockQ8_0], wb: usize, x: ActRows) -> [f32; 8] {
+    assert!(x.row < GROUP && w.len() >= 8 * wb && x.d.len() >= wb && x.qs.len() >= wb * GROUP);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..wb {
+        let a = act(&x, i, x.row);
+        let blocks: [&BlockQ8_0; 8] = std::array::from_fn(|j| w.get_unchecked(j * wb + i));
+        let e: [__m256i; 8] = std::array::from_fn(|j| {
+            let q = _mm256_loadu_si256(blocks[j].qs.as_ptr() as *const __m256i);
+            q8_products(q, _mm256_sign_epi8(q, q), a)
+        });
+        let e = _mm256_cvtepi32_ps(lane_sums8(&e));
+        let d = _mm256_cvtph_ps(_mm_set_epi16(
+            blocks[7].d as i16,
+            blocks[6].d as i16,
+            blocks[5].d as i16,
+            blocks[4].d as i16,
+            blocks[3].d as i16,
+            blocks[2].d as i16,
+            blocks[1].d as i16,
+            blocks[0].d as i16,
+        ));
+        let da = _mm256_set1_ps(*x.d.get_unchecked(i).0.get_unchecked(x.row));
+        acc = _mm256_fmadd_ps(e, _mm256_mul_ps(da, d), acc);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    out
 }
 
 /// Q4_K and Q5_K: sub-block `s` of a superblock is `d*sc_s*q - dmin*m_s`.
@@ -320,3 +445,4 @@ pub(super) unsafe fn q6k<const R: usize>(w: &[BlockQ6K], x: ActRows) -> [f32; R]
     }
     acc.finish(&x)
 }
+
