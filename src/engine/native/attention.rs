@@ -69,7 +69,13 @@ pub(crate) fn attention(
                     let offs = &offs[..offs.len().min(len - s0)];
                     let row_scores = &mut scores[i * stride..(i + 1) * stride];
                     for (g, sc) in row_scores.chunks_exact_mut(offsets.len()).enumerate() {
-                        key_scores(q_of(i, g), k_pool, offs, scale, &mut sc[s0..s0 + offs.len()]);
+                        key_scores(
+                            q_of(i, g),
+                            k_pool,
+                            offs,
+                            scale,
+                            &mut sc[s0..s0 + offs.len()],
+                        );
                     }
                 }
             }
@@ -449,7 +455,11 @@ mod tests {
         for (r, &row) in rows.iter().enumerate() {
             let qr = &q[r * heads * d..(r + 1) * heads * d];
             let alone = attention(&c, qr, &[row], &runs, &kp, &vp, width);
-            assert_eq!(&together[r * heads * d..(r + 1) * heads * d], &alone[..], "row {r}");
+            assert_eq!(
+                &together[r * heads * d..(r + 1) * heads * d],
+                &alone[..],
+                "row {r}"
+            );
         }
     }
 
