@@ -7,11 +7,12 @@
 //! activation block `a*p` is then `d a Σ q p + m Σ a p`: one `maddubs` and one FMA per row, and a
 //! 256-value K-quant superblock is eight such sub-blocks against eight activation blocks.
 //!
-//! Q8_0 (the re-quantized GGUFs, `--quantize q8_0` safetensors, and the LM head of Qwen2.5
-//! `Q4_K_M` files) has kernels of its own: a block's integer dot products are summed exactly
-//! across lanes, so eight rows convert, scale and accumulate once per block (prefill, one run
-//! each, bench binaries alternated: 99-103 -> 108-114 tokens/s), and a single row runs against
-//! eight weight rows at a time.
+//! The 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the re-quantized GGUFs, `--quantize`
+//! safetensors, and the attention, gate/up and LM head tensors of Qwen2.5-0.5B `Q4_K_M` files)
+//! go through `Exact` instead: a block's integer dot products are summed exactly across lanes,
+//! so eight rows convert, scale and accumulate once per block (Q8_0 prefill, bench binaries
+//! alternated: 99-103 -> 108-114 tokens/s; `Q4_K_M`, 85-89 -> 88-91), and a single Q8_0 row
+//! runs against eight weight rows at a time. The K-quants keep `Acc`.
 
 use super::blocks::{
     scale_min_k4, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -186,73 +187,141 @@ unsafe fn bit_as_16(qh: __m256i, bit: u8) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-pub(super) unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: ActRows) -> [f32; R] {
-    let mut acc = Acc::<R>::new(&x, w.len());
-    for (i, b) in w.iter().enumerate() {
-        let d = f16(b.d);
-        acc.unsigned(&x, i, d, -8.0 * d, nibbles(&b.qs));
-    }
-    acc.finish(&x)
+/// The 32-value block types whose kernels sum each block's products as exact integers: every
+/// output is `Σ fma(E, d_act * d, acc) + Σ fma(m, s_act, offset)` in block order, where `E` is
+/// the block's exact integer dot product (and `m` its offset, for the unsigned types). Integers
+/// add exactly in any order, so the kernels below may sum a block's products across lanes however
+/// suits their shape (eight activation rows, four, one, or one row against eight weight rows) and
+/// every output keeps the same bits. Against converting and scaling each row's eight partial
+/// lanes per block, a group of eight rows converts, scales and accumulates once per block.
+trait Exact: Copy {
+    /// Whether values carry an offset (`d*q + m`); Q8_0's are `d*q`.
+    const OFFSET: bool;
+    /// The weight block ready for `products`, with its scale `d` and offset `m`.
+    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32);
+    /// The block's products against activation values `a`, in eight i32 lanes.
+    unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i;
 }
 
-pub(super) unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: ActRows) -> [f32; R] {
-    let mut acc = Acc::<R>::new(&x, w.len());
-    for (i, b) in w.iter().enumerate() {
-        acc.unsigned(&x, i, f16(b.d), f16(b.m), nibbles(&b.qs));
-    }
-    acc.finish(&x)
+/// Unsigned `q` (below 64) times signed activation bytes, pairs widened exactly to i32.
+#[inline(always)]
+unsafe fn unsigned_products(q: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), _mm256_set1_epi16(1))
 }
 
-pub(super) unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: ActRows) -> [f32; R] {
-    let mut acc = Acc::<R>::new(&x, w.len());
-    for (i, b) in w.iter().enumerate() {
-        let d = f16(b.d);
-        let q = _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh));
-        acc.unsigned(&x, i, d, -16.0 * d, q);
+impl Exact for BlockQ4_0 {
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+        let d = f16(self.d);
+        ([nibbles(&self.qs), _mm256_setzero_si256()], d, -8.0 * d)
     }
-    acc.finish(&x)
+    #[inline(always)]
+    unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
+        unsigned_products(w[0], a)
+    }
 }
 
-pub(super) unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: ActRows) -> [f32; R] {
-    let mut acc = Acc::<R>::new(&x, w.len());
-    for (i, b) in w.iter().enumerate() {
-        let q = _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh));
-        acc.unsigned(&x, i, f16(b.d), f16(b.m), q);
+impl Exact for BlockQ4_1 {
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+        (
+            [nibbles(&self.qs), _mm256_setzero_si256()],
+            f16(self.d),
+            f16(self.m),
+        )
     }
-    acc.finish(&x)
+    #[inline(always)]
+    unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
+        unsigned_products(w[0], a)
+    }
 }
 
-/// Q8_0: every output is `Σ_blocks fma(E, d_act * d_weight, acc)` in block order, where `E`
-/// is the block's exact integer dot product. Integers add exactly in any order, so the kernels
-/// below may sum a block's products across lanes however suits their shape (eight activation
-/// rows, four, one, or one row against eight weight rows) and still give every output the same
-/// bits. Against the kernels that convert and scale each row's eight partial lanes per block,
-/// a group of eight rows converts, scales and accumulates once per block instead of eight
-/// times.
-pub(super) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: ActRows) -> [f32; R] {
+impl Exact for BlockQ5_0 {
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+        let d = f16(self.d);
+        let q = _mm256_or_si256(nibbles(&self.qs), fifth_bits(&self.qh));
+        ([q, _mm256_setzero_si256()], d, -16.0 * d)
+    }
+    #[inline(always)]
+    unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
+        unsigned_products(w[0], a)
+    }
+}
+
+impl Exact for BlockQ5_1 {
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+        let q = _mm256_or_si256(nibbles(&self.qs), fifth_bits(&self.qh));
+        ([q, _mm256_setzero_si256()], f16(self.d), f16(self.m))
+    }
+    #[inline(always)]
+    unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
+        unsigned_products(w[0], a)
+    }
+}
+
+impl Exact for BlockQ8_0 {
+    const OFFSET: bool = false;
+    #[inline(always)]
+    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+        let q = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
+        // maddubs wants one unsigned side: the weight's magnitude, its sign moved onto the
+        // activation.
+        ([q, _mm256_sign_epi8(q, q)], f16(self.d), 0.0)
+    }
+    #[inline(always)]
+    unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
+        // Pairs of products fit i16 (2 * 127 * 127); madd widens them exactly.
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(w[1], _mm256_sign_epi8(a, w[0])),
+            _mm256_set1_epi16(1),
+        )
+    }
+}
+
+/// `R` rows of a group against one weight row.
+#[inline(always)]
+unsafe fn exact<B: Exact, const R: usize>(w: &[B], x: ActRows) -> [f32; R] {
     match R {
         GROUP => {
-            let v = q8_0_group(w, x);
+            let v = exact_group(w, x);
             std::array::from_fn(|r| v[r])
         }
         4 => {
-            let v = q8_0_four(w, x);
+            let v = exact_four(w, x);
             std::array::from_fn(|r| v[r])
         }
-        _ => std::array::from_fn(|r| q8_0_one(w, x.skip(r))),
+        _ => std::array::from_fn(|r| exact_one(w, x.skip(r))),
     }
 }
 
-/// One block's exact integer products of 32 signed values against 32 signed activation
-/// values, in eight i32 lanes.
-#[inline(always)]
-unsafe fn q8_products(q: __m256i, qa: __m256i, a: __m256i) -> __m256i {
-    // maddubs wants one unsigned side: the weight's magnitude, its sign moved onto the
-    // activation. Pairs of products fit i16 (2 * 127 * 127), and madd widens them exactly.
-    _mm256_madd_epi16(
-        _mm256_maddubs_epi16(qa, _mm256_sign_epi8(a, q)),
-        _mm256_set1_epi16(1),
-    )
+pub(super) unsafe fn q4_0<const R: usize>(w: &[BlockQ4_0], x: ActRows) -> [f32; R] {
+    exact(w, x)
+}
+
+pub(super) unsafe fn q4_1<const R: usize>(w: &[BlockQ4_1], x: ActRows) -> [f32; R] {
+    exact(w, x)
+}
+
+pub(super) unsafe fn q5_0<const R: usize>(w: &[BlockQ5_0], x: ActRows) -> [f32; R] {
+    exact(w, x)
+}
+
+pub(super) unsafe fn q5_1<const R: usize>(w: &[BlockQ5_1], x: ActRows) -> [f32; R] {
+    exact(w, x)
+}
+
+pub(super) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: ActRows) -> [f32; R] {
+    exact(w, x)
+}
+
+pub(super) unsafe fn q8_0_w8(w: &[BlockQ8_0], wb: usize, x: ActRows) -> [f32; 8] {
+    exact_w8(w, wb, x)
 }
 
 /// Row `r`'s activation values at block `i`.
@@ -278,89 +347,106 @@ unsafe fn lane_sums4_halves(v: &[__m256i]) -> __m256i {
 }
 
 /// All eight rows of a group.
-unsafe fn q8_0_group(w: &[BlockQ8_0], x: ActRows) -> [f32; GROUP] {
+#[inline(always)]
+unsafe fn exact_group<B: Exact>(w: &[B], x: ActRows) -> [f32; GROUP] {
     // Unchecked below: the group's blocks cover the weight row.
-    assert!(x.row == 0 && x.d.len() >= w.len() && x.qs.len() >= w.len() * GROUP);
-    let mut acc = _mm256_setzero_ps();
+    assert!(x.row == 0 && x.d.len() >= w.len() && x.s.len() >= w.len());
+    assert!(x.qs.len() >= w.len() * GROUP);
+    let (mut acc, mut offset) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (i, b) in w.iter().enumerate() {
-        let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        let qa = _mm256_sign_epi8(q, q);
-        let e: [__m256i; GROUP] = std::array::from_fn(|r| q8_products(q, qa, act(&x, i, r)));
+        let (q, d, m) = b.prep();
+        let e: [__m256i; GROUP] = std::array::from_fn(|r| B::products(&q, act(&x, i, r)));
         let e = _mm256_cvtepi32_ps(lane_sums8(&e));
         let da = _mm256_load_ps(x.d.get_unchecked(i).0.as_ptr());
-        acc = _mm256_fmadd_ps(e, _mm256_mul_ps(da, _mm256_set1_ps(f16(b.d))), acc);
+        acc = _mm256_fmadd_ps(e, _mm256_mul_ps(da, _mm256_set1_ps(d)), acc);
+        if B::OFFSET {
+            let s = _mm256_load_ps(x.s.get_unchecked(i).0.as_ptr());
+            offset = _mm256_fmadd_ps(_mm256_set1_ps(m), s, offset);
+        }
     }
     let mut out = [0f32; GROUP];
-    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc, offset));
     out
 }
 
 /// Rows `x.row..x.row + 4` (the first or second half of a group).
-unsafe fn q8_0_four(w: &[BlockQ8_0], x: ActRows) -> [f32; 4] {
-    assert!(x.row + 4 <= GROUP && x.d.len() >= w.len() && x.qs.len() >= w.len() * GROUP);
-    let mut acc = _mm_setzero_ps();
+#[inline(always)]
+unsafe fn exact_four<B: Exact>(w: &[B], x: ActRows) -> [f32; 4] {
+    assert!(x.row + 4 <= GROUP && x.d.len() >= w.len() && x.s.len() >= w.len());
+    assert!(x.qs.len() >= w.len() * GROUP);
+    let (mut acc, mut offset) = (_mm_setzero_ps(), _mm_setzero_ps());
     for (i, b) in w.iter().enumerate() {
-        let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        let qa = _mm256_sign_epi8(q, q);
-        let e: [__m256i; 4] = std::array::from_fn(|r| q8_products(q, qa, act(&x, i, x.row + r)));
+        let (q, d, m) = b.prep();
+        let e: [__m256i; 4] = std::array::from_fn(|r| B::products(&q, act(&x, i, x.row + r)));
         let halves = lane_sums4_halves(&e);
         let e = _mm_add_epi32(
             _mm256_castsi256_si128(halves),
             _mm256_extracti128_si256::<1>(halves),
         );
         let da = _mm_loadu_ps(x.d.get_unchecked(i).0.as_ptr().add(x.row));
-        let s = _mm_mul_ps(da, _mm_set1_ps(f16(b.d)));
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(e), s, acc);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(e), _mm_mul_ps(da, _mm_set1_ps(d)), acc);
+        if B::OFFSET {
+            let s = _mm_loadu_ps(x.s.get_unchecked(i).0.as_ptr().add(x.row));
+            offset = _mm_fmadd_ps(_mm_set1_ps(m), s, offset);
+        }
     }
     let mut out = [0f32; 4];
-    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(acc, offset));
     out
 }
 
 /// Row `x.row` alone.
-unsafe fn q8_0_one(w: &[BlockQ8_0], x: ActRows) -> f32 {
-    assert!(x.row < GROUP && x.d.len() >= w.len() && x.qs.len() >= w.len() * GROUP);
-    let mut acc = 0f32;
+#[inline(always)]
+unsafe fn exact_one<B: Exact>(w: &[B], x: ActRows) -> f32 {
+    assert!(x.row < GROUP && x.d.len() >= w.len() && x.s.len() >= w.len());
+    assert!(x.qs.len() >= w.len() * GROUP);
+    let (mut acc, mut offset) = (0f32, 0f32);
     for (i, b) in w.iter().enumerate() {
-        let q = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        let e = q8_products(q, _mm256_sign_epi8(q, q), act(&x, i, x.row));
+        let (q, d, m) = b.prep();
+        let e = B::products(&q, act(&x, i, x.row));
         let s = _mm_add_epi32(_mm256_castsi256_si128(e), _mm256_extracti128_si256::<1>(e));
         let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
         let e = _mm_cvtsi128_si32(s) as f32;
-        acc = e.mul_add(x.d.get_unchecked(i).0.get_unchecked(x.row) * f16(b.d), acc);
+        acc = e.mul_add(x.d.get_unchecked(i).0.get_unchecked(x.row) * d, acc);
+        if B::OFFSET {
+            offset = m.mul_add(*x.s.get_unchecked(i).0.get_unchecked(x.row), offset);
+        }
     }
-    acc
+    acc + offset
 }
 
 /// Row `x.row` against the eight weight rows `w[j * wb..(j + 1) * wb]` (`j < 8`): a decode
-/// step's single row, eight outputs per vector.
-pub(super) unsafe fn q8_0_w8(w: &[BlockQ8_0], wb: usize, x: ActRows) -> [f32; 8] {
-    assert!(x.row < GROUP && w.len() >= 8 * wb && x.d.len() >= wb && x.qs.len() >= wb * GROUP);
-    let mut acc = _mm256_setzero_ps();
+/// step's single row, eight outputs per vector. Only Q8_0 takes it: for Q5_0, eight weight
+/// rows' blocks decoded at once spilled registers and decode at 1 fell from 18-20 to 13-14
+/// tokens/s on the shipped `Q4_K_M`, where one weight row at a time through `exact_one` kept it.
+#[inline(always)]
+unsafe fn exact_w8<B: Exact>(w: &[B], wb: usize, x: ActRows) -> [f32; 8] {
+    assert!(x.row < GROUP && w.len() >= 8 * wb && x.d.len() >= wb && x.s.len() >= wb);
+    assert!(x.qs.len() >= wb * GROUP);
+    let (mut acc, mut offset) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for i in 0..wb {
         let a = act(&x, i, x.row);
-        let blocks: [&BlockQ8_0; 8] = std::array::from_fn(|j| w.get_unchecked(j * wb + i));
+        let (mut d, mut m) = ([0f32; 8], [0f32; 8]);
         let e: [__m256i; 8] = std::array::from_fn(|j| {
-            let q = _mm256_loadu_si256(blocks[j].qs.as_ptr() as *const __m256i);
-            q8_products(q, _mm256_sign_epi8(q, q), a)
+            let (q, dj, mj) = w.get_unchecked(j * wb + i).prep();
+            (d[j], m[j]) = (dj, mj);
+            B::products(&q, a)
         });
         let e = _mm256_cvtepi32_ps(lane_sums8(&e));
-        let d = _mm256_cvtph_ps(_mm_set_epi16(
-            blocks[7].d as i16,
-            blocks[6].d as i16,
-            blocks[5].d as i16,
-            blocks[4].d as i16,
-            blocks[3].d as i16,
-            blocks[2].d as i16,
-            blocks[1].d as i16,
-            blocks[0].d as i16,
-        ));
         let da = _mm256_set1_ps(*x.d.get_unchecked(i).0.get_unchecked(x.row));
+        // Gathered lane by lane: one vector load of eight fresh scalar stores would stall on
+        // store forwarding.
+        let d = _mm256_set_ps(d[7], d[6], d[5], d[4], d[3], d[2], d[1], d[0]);
         acc = _mm256_fmadd_ps(e, _mm256_mul_ps(da, d), acc);
+        if B::OFFSET {
+            let s = _mm256_set1_ps(*x.s.get_unchecked(i).0.get_unchecked(x.row));
+            let m = _mm256_set_ps(m[7], m[6], m[5], m[4], m[3], m[2], m[1], m[0]);
+            offset = _mm256_fmadd_ps(m, s, offset);
+        }
     }
     let mut out = [0f32; 8];
-    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc, offset));
     out
 }
 

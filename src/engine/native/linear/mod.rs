@@ -389,7 +389,9 @@ mod tests {
         let w = Tensor::from_vec(data(n * k, 5), (n, k), &Device::Cpu).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
             GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
             GgmlDType::Q6K,
