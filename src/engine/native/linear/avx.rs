@@ -11,8 +11,10 @@
 //! safetensors, and the attention, gate/up and LM head tensors of Qwen2.5-0.5B `Q4_K_M` files)
 //! go through `Exact` instead: a block's integer dot products are summed exactly across lanes,
 //! so eight rows convert, scale and accumulate once per block (Q8_0 prefill, bench binaries
-//! alternated: 99-103 -> 108-114 tokens/s; `Q4_K_M`, 85-89 -> 88-91), and a single Q8_0 row
-//! runs against eight weight rows at a time. The K-quants keep `Acc`.
+//! alternated: 99-103 -> 108-114 tokens/s; `Q4_K_M`, 85-89 -> 88-91). A single row sums each
+//! block's lanes itself (decode at 1 unchanged within noise). Tried and not kept: a single row
+//! against eight weight rows at a time, lanes = weight rows (Q8_0 decode at 1 fell from 21 to
+//! 16-18 tokens/s; Q5_0's eight decoded blocks spilled registers). The K-quants keep `Acc`.
 
 use super::blocks::{
     scale_min_k4, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -191,8 +193,7 @@ unsafe fn bit_as_16(qh: __m256i, bit: u8) -> __m256i {
 /// output is `Σ fma(E, d_act * d, acc) + Σ fma(m, s_act, offset)` in block order, where `E` is
 /// the block's exact integer dot product (and `m` its offset, for the unsigned types). Integers
 /// add exactly in any order, so the kernels below may sum a block's products across lanes however
-/// suits their shape (eight activation rows, four, one, or one row against eight weight rows) and
-/// every output keeps the same bits. Against converting and scaling each row's eight partial
+/// suits their shape (eight activation rows, four or one) and every output keeps the same bits. Against converting and scaling each row's eight partial
 /// lanes per block, a group of eight rows converts, scales and accumulates once per block.
 trait Exact: Copy {
     /// Whether values carry an offset (`d*q + m`); Q8_0's are `d*q`.
@@ -320,10 +321,6 @@ pub(super) unsafe fn q8_0<const R: usize>(w: &[BlockQ8_0], x: ActRows) -> [f32; 
     exact(w, x)
 }
 
-pub(super) unsafe fn q8_0_w8(w: &[BlockQ8_0], wb: usize, x: ActRows) -> [f32; 8] {
-    exact_w8(w, wb, x)
-}
-
 /// Row `r`'s activation values at block `i`.
 #[inline(always)]
 unsafe fn act(x: &ActRows, i: usize, r: usize) -> __m256i {
@@ -414,40 +411,6 @@ unsafe fn exact_one<B: Exact>(w: &[B], x: ActRows) -> f32 {
         }
     }
     acc + offset
-}
-
-/// Row `x.row` against the eight weight rows `w[j * wb..(j + 1) * wb]` (`j < 8`): a decode
-/// step's single row, eight outputs per vector. Only Q8_0 takes it: for Q5_0, eight weight
-/// rows' blocks decoded at once spilled registers and decode at 1 fell from 18-20 to 13-14
-/// tokens/s on the shipped `Q4_K_M`, where one weight row at a time through `exact_one` kept it.
-#[inline(always)]
-unsafe fn exact_w8<B: Exact>(w: &[B], wb: usize, x: ActRows) -> [f32; 8] {
-    assert!(x.row < GROUP && w.len() >= 8 * wb && x.d.len() >= wb && x.s.len() >= wb);
-    assert!(x.qs.len() >= wb * GROUP);
-    let (mut acc, mut offset) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for i in 0..wb {
-        let a = act(&x, i, x.row);
-        let (mut d, mut m) = ([0f32; 8], [0f32; 8]);
-        let e: [__m256i; 8] = std::array::from_fn(|j| {
-            let (q, dj, mj) = w.get_unchecked(j * wb + i).prep();
-            (d[j], m[j]) = (dj, mj);
-            B::products(&q, a)
-        });
-        let e = _mm256_cvtepi32_ps(lane_sums8(&e));
-        let da = _mm256_set1_ps(*x.d.get_unchecked(i).0.get_unchecked(x.row));
-        // Gathered lane by lane: one vector load of eight fresh scalar stores would stall on
-        // store forwarding.
-        let d = _mm256_set_ps(d[7], d[6], d[5], d[4], d[3], d[2], d[1], d[0]);
-        acc = _mm256_fmadd_ps(e, _mm256_mul_ps(da, d), acc);
-        if B::OFFSET {
-            let s = _mm256_set1_ps(*x.s.get_unchecked(i).0.get_unchecked(x.row));
-            let m = _mm256_set_ps(m[7], m[6], m[5], m[4], m[3], m[2], m[1], m[0]);
-            offset = _mm256_fmadd_ps(m, s, offset);
-        }
-    }
-    let mut out = [0f32; 8];
-    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc, offset));
-    out
 }
 
 /// Q4_K and Q5_K: sub-block `s` of a superblock is `d*sc_s*q - dmin*m_s`.

@@ -151,10 +151,6 @@ pub(super) trait Block: Copy + Send + Sync {
     fn dot8(w: &[Self], x: ActRows) -> [f32; 8] {
         std::array::from_fn(|i| Self::dot(w, x.skip(i)))
     }
-    /// Row `x.row` against the eight weight rows `w[j * wb..(j + 1) * wb]`.
-    fn dot_w8(w: &[Self], wb: usize, x: ActRows) -> [f32; 8] {
-        std::array::from_fn(|j| Self::dot(&w[j * wb..(j + 1) * wb], x))
-    }
     /// The block's values (`ACTS * QK` of them): the layout as the kernels read it, checked
     /// against candle's dequantization and used where AVX2 is missing.
     #[cfg(any(test, not(target_feature = "avx2")))]
@@ -163,7 +159,7 @@ pub(super) trait Block: Copy + Send + Sync {
 
 /// Every block type's kernels: AVX2 where the build has it, else through `values`.
 macro_rules! kernels {
-    ($($block:ty => $rows:ident $(, acts = $acts:expr)? $(, w8 = $w8:ident)?;)*) => {$(
+    ($($block:ty => $rows:ident $(, acts = $acts:expr)?;)*) => {$(
         impl Block for $block {
             $(const ACTS: usize = $acts;)?
             #[cfg(target_feature = "avx2")]
@@ -180,12 +176,6 @@ macro_rules! kernels {
             fn dot8(w: &[Self], x: ActRows) -> [f32; 8] {
                 unsafe { avx::$rows::<8>(w, x) }
             }
-            $(
-            #[cfg(target_feature = "avx2")]
-            fn dot_w8(w: &[Self], wb: usize, x: ActRows) -> [f32; 8] {
-                unsafe { avx::$w8(w, wb, x) }
-            }
-            )?
             #[cfg(not(target_feature = "avx2"))]
             fn dot(w: &[Self], x: ActRows) -> f32 {
                 let mut v = [0f32; QK * 8];
@@ -215,7 +205,7 @@ kernels! {
     BlockQ4_1 => q4_1;
     BlockQ5_0 => q5_0;
     BlockQ5_1 => q5_1;
-    BlockQ8_0 => q8_0, w8 = q8_0_w8;
+    BlockQ8_0 => q8_0;
     BlockQ4K => q4k, acts = 8;
     BlockQ5K => q5k, acts = 8;
     BlockQ6K => q6k, acts = 8;

@@ -158,31 +158,21 @@ pub(super) fn quantized_rows<B: Block>(
             let w1 = (w0 + rows_per_w_tile).min(cols.end);
             for r0 in (0..m).step_by(row_tile) {
                 let r1 = (r0 + row_tile).min(m);
-                // Rows in eights and fours against one weight row at a time; the last few
-                // (a decode step's only row) against eight weight rows at a time.
-                let tail = r0 + (r1 - r0) / 4 * 4;
                 for j in w0..w1 {
                     let wrow = &w[j * wb..(j + 1) * wb];
                     let mut r = r0;
-                    while r + 8 <= tail {
+                    while r + 8 <= r1 {
                         let v = B::dot8(wrow, acts.rows(r));
                         out.put(r, j, &v);
                         r += 8;
                     }
-                    if r < tail {
+                    while r + 4 <= r1 {
                         let v = B::dot4(wrow, acts.rows(r));
                         out.put(r, j, &v);
+                        r += 4;
                     }
-                }
-                for r in tail..r1 {
-                    let mut j = w0;
-                    while j + 8 <= w1 {
-                        let v = B::dot_w8(&w[j * wb..(j + 8) * wb], wb, acts.rows(r));
-                        out.put_row(r, j, &v);
-                        j += 8;
-                    }
-                    for j in j..w1 {
-                        out.put(r, j, &[B::dot(&w[j * wb..(j + 1) * wb], acts.rows(r))]);
+                    for r in r..r1 {
+                        out.put(r, j, &[B::dot(wrow, acts.rows(r))]);
                     }
                 }
             }
@@ -218,16 +208,6 @@ impl Columns {
             // tasks' column ranges are disjoint and the output outlives them.
             unsafe { *self.ptr.add((r + i) * self.n + j) = v };
         }
-    }
-}
-
-impl Columns {
-    /// Outputs `(r, j)`, `(r, j + 1)`, ...: consecutive columns of row `r`.
-    #[inline]
-    pub(super) fn put_row(&self, r: usize, j: usize, v: &[f32]) {
-        assert!(self.cols.start <= j && j + v.len() <= self.cols.end && r < self.m);
-        // SAFETY: in bounds (checked above), and the columns belong to this task alone.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(r * self.n + j), v.len()) };
     }
 }
 

@@ -380,11 +380,9 @@ mod tests {
     }
 
     /// A row's result is bit-identical whether it runs alone or in a batch (with 8-row, 4-row and
-    /// remainder paths, and a single row against eight weight rows or one), so batching never
-    /// changes a greedy output.
+    /// remainder paths), so batching never changes a greedy output.
     #[test]
     fn quantized_rows_do_not_depend_on_the_batch() {
-        // 43 outputs: the one-row path takes weight rows in eights, then one at a time.
         let (n, k) = (43, 64);
         let w = Tensor::from_vec(data(n * k, 5), (n, k), &Device::Cpu).unwrap();
         for dtype in [
