@@ -405,13 +405,9 @@ mod tests {
         }
     }
 
-    /// A prefill run is computed in tiles of rows; each row's result must not depend on the
-    /// tile it fell in (nor on its tile's other rows), or a prompt's outputs would change with
-    /// how it was chunked and who shared its step: bit-identical to the row computed alone.
-    #[test]
-    fn a_row_in_a_tile_equals_the_row_alone() {
-        let (heads, kv_heads, d) = (6, 2, 64);
-        let c = Config {
+    /// One layer's attention shape, the rest of the model irrelevant here.
+    fn config(heads: usize, kv_heads: usize, d: usize) -> Config {
+        Config {
             hidden: heads * d,
             layers: 1,
             heads,
@@ -422,10 +418,22 @@ mod tests {
             rms_eps: 1e-6,
             max_positions: 4096,
             rope_interleaved: false,
-        };
+        }
+    }
+
+    /// Deterministic values in [-1, 1), different per `salt`.
+    fn noise(i: usize, salt: usize) -> f32 {
+        (((i * 7919 + salt * 104_729) % 1000) as f32) / 500.0 - 1.0
+    }
+
+    /// A prefill run is computed in tiles of rows; each row's result must not depend on the
+    /// tile it fell in (nor on its tile's other rows), or a prompt's outputs would change with
+    /// how it was chunked and who shared its step: bit-identical to the row computed alone.
+    #[test]
+    fn a_row_in_a_tile_equals_the_row_alone() {
+        let (heads, kv_heads, d) = (6, 2, 64);
+        let c = config(heads, kv_heads, d);
         let width = kv_heads * d;
-        let noise =
-            |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 1000) as f32) / 500.0 - 1.0;
         let blocks = 300usize.div_ceil(16);
         let table: Vec<u32> = (0..blocks as u32).rev().collect();
         let kp: Vec<f32> = (0..blocks * 16 * width).map(|i| noise(i, 1)).collect();
@@ -465,22 +473,9 @@ mod tests {
 
     fn split_attention_matches_naive(d: usize) {
         let (heads, kv_heads) = (6, 2);
-        let c = Config {
-            hidden: heads * d,
-            layers: 1,
-            heads,
-            kv_heads,
-            head_dim: d,
-            vocab: 1,
-            rope_theta: 1.0,
-            rms_eps: 1e-6,
-            max_positions: 4096,
-            rope_interleaved: false,
-        };
+        let c = config(heads, kv_heads, d);
         let len: usize = 301;
         let width = kv_heads * d;
-        let noise =
-            |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 1000) as f32) / 500.0 - 1.0;
         // Blocks deliberately out of order, as a real block table is.
         let blocks = len.div_ceil(16);
         let table: Vec<u32> = (0..blocks as u32).rev().collect();
