@@ -41,8 +41,7 @@ unsafe fn hsum(x: __m256) -> f32 {
 /// `4i..4i + 4`).
 #[inline(always)]
 unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
-    let pairs = _mm256_maddubs_epi16(u, s);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    _mm256_cvtepi32_ps(unsigned_products(u, s))
 }
 
 /// The combined scales of one block: one row's in a register, or a group's lanes.
@@ -117,19 +116,13 @@ impl<const R: usize> Acc<R> {
         }
     }
 
-    /// Row `r`'s activation values at block `i`.
-    #[inline(always)]
-    unsafe fn act(x: &ActRows, i: usize, r: usize) -> __m256i {
-        _mm256_load_si256(x.qs.get_unchecked(i * GROUP + x.row + r).0.as_ptr() as *const __m256i)
-    }
-
     /// Sub-block `i` of every row: values `d*q + m`, `q` unsigned below 64.
     #[inline(always)]
     unsafe fn unsigned(&mut self, x: &ActRows, i: usize, d: f32, m: f32, q: __m256i) {
         self.add_offset(x, i, m);
         let sc = Self::scales(x, i, d);
         for (r, v) in self.v.iter_mut().enumerate() {
-            let t = mul_sum_us8(q, Self::act(x, i, r));
+            let t = mul_sum_us8(q, act(x, i, x.row + r));
             *v = _mm256_fmadd_ps(t, Self::lane(x, &sc, r), *v);
         }
     }
@@ -141,7 +134,7 @@ impl<const R: usize> Acc<R> {
         let qa = _mm256_sign_epi8(q, q);
         let da = x.d.get_unchecked(i);
         for (r, v) in self.v.iter_mut().enumerate() {
-            let t = mul_sum_us8(qa, _mm256_sign_epi8(Self::act(x, i, r), q));
+            let t = mul_sum_us8(qa, _mm256_sign_epi8(act(x, i, x.row + r), q));
             let t = _mm256_mul_ps(t, _mm256_broadcast_ss(da.0.get_unchecked(x.row + r)));
             *v = _mm256_fmadd_ps(t, d, *v);
         }
@@ -204,7 +197,8 @@ trait Exact: Copy {
     unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i;
 }
 
-/// Unsigned `q` (below 64) times signed activation bytes, pairs widened exactly to i32.
+/// Unsigned `q` (at most 127) times signed activation bytes (at least -127), pairs widened
+/// exactly to i32: a pair is at most 2 * 127 * 127, within i16.
 #[inline(always)]
 unsafe fn unsigned_products(q: __m256i, a: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), _mm256_set1_epi16(1))
