@@ -166,13 +166,15 @@ pub(super) fn quantized_rows<B: Block>(
                         out.put(r, j, &v);
                         r += 8;
                     }
-                    while r + 4 <= r1 {
-                        let v = B::dot4(wrow, acts.rows(r));
-                        out.put(r, j, &v);
-                        r += 4;
-                    }
-                    for r in r..r1 {
-                        out.put(r, j, &[B::dot(wrow, acts.rows(r))]);
+                    // A tail of 2-7 rows (a decode step's few sequences) is the last of its
+                    // group, whose padding rows are zero: one wider kernel decodes the weight
+                    // row once for all of them, where one-row kernels decoded it per row. Every
+                    // kernel computes a row alike, so the padding changes no output.
+                    match r1 - r {
+                        0 => {}
+                        1 => out.put(r, j, &[B::dot(wrow, acts.rows(r))]),
+                        t @ 2..=4 => out.put(r, j, &B::dot4(wrow, acts.rows(r))[..t]),
+                        t => out.put(r, j, &B::dot8(wrow, acts.rows(r))[..t]),
                     }
                 }
             }

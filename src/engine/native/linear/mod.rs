@@ -406,17 +406,19 @@ mod tests {
                 Tensor::from_vec(data(n * k, 6), (n, k), &Device::Cpu).unwrap()
             };
             let lin = Linear::from_qtensor(&QTensor::quantize(&w, dtype).unwrap(), None).unwrap();
-            // 21 rows: two 8-row groups, a 4-row group and a single row.
-            let m = 21;
-            let x = data(m * k, 8);
-            let batched = lin.forward(&x).unwrap();
-            for r in 0..m {
-                let alone = lin.forward(&x[r * k..(r + 1) * k]).unwrap();
-                assert_eq!(
-                    &batched[r * n..(r + 1) * n],
-                    &alone[..],
-                    "{dtype:?} row {r}"
-                );
+            // Two 8-row groups then a tail of 5 (an 8-row kernel over 3 zero padding rows), 3 and
+            // 2 rows (a 4-row kernel over padding), and a tail of one.
+            for m in [21, 19, 3, 2, 17] {
+                let x = data(m * k, 8);
+                let batched = lin.forward(&x).unwrap();
+                for r in 0..m {
+                    let alone = lin.forward(&x[r * k..(r + 1) * k]).unwrap();
+                    assert_eq!(
+                        &batched[r * n..(r + 1) * n],
+                        &alone[..],
+                        "{dtype:?} row {r} of {m}"
+                    );
+                }
             }
         }
     }
