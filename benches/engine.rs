@@ -19,7 +19,11 @@
 //! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_GATHER_DECODE=1`
 //! (the tensor path's reference decode attention instead of the paged op),
 //! `MEMEX_BENCH_DECODE_ONLY=1`
-//! (skip the prefill rounds), `MEMEX_BENCH_LLAMA` (a
+//! (skip the prefill rounds), `MEMEX_BENCH_DECODE_PROMPT=branches` (decode after the real branch
+//! prompts of a ~1,000-token dialogue, three sequences a dialogue, instead of a short prompt each:
+//! the sequences share the system prompt and their request's dialogue; the prefix cache is on and
+//! the prompts are prefilled by an untimed pass first, so the round times decode alone; memex
+//! only: llama.cpp runs with its prompt cache off), `MEMEX_BENCH_LLAMA` (a
 //! `llama-server` binary: GGUF models are then also run there, one server after the other, with
 //! `MEMEX_BENCH_THREADS` threads, default all), `MEMEX_BENCH_OUT` (also write the results as JSON
 //! there).
@@ -70,10 +74,11 @@ async fn build_engine(source: &ModelSource) -> anyhow::Result<Arc<dyn Engine>> {
         kind,
         source,
         &MistralOptions::default(),
-        // Every round repeats its prompt: with the prefix cache on, rounds after the first would
-        // measure cache hits, not prefill (the HTTP benchmark measures the cache's effect).
+        // Off, as llama.cpp's prompt cache is in the side-by-side: each round's prompts share
+        // the branch template, and a cache would serve it. On for the branches decode workload,
+        // which is about what a request's sequences share.
         &NativeOptions {
-            prefix_cache: false,
+            prefix_cache: branch_decode(),
             device: native_device()?,
             quantize: match std::env::var("MEMEX_BENCH_QUANTIZE") {
                 Ok(q) => Some(
@@ -168,6 +173,11 @@ fn prefill_request(tag: usize) -> GenerateRequest {
     let prompts = Prompts::new(None).unwrap();
     let lang = language::detect(&dialogue);
     let messages = prompts.render(Branch::Memory, &lang, &dialogue, 6).unwrap();
+    short_answer(messages)
+}
+
+/// `messages` answered `{"ok":true}` or `{"ok":false}`: the cost of their prefill alone.
+fn short_answer(messages: Vec<PromptMessage>) -> GenerateRequest {
     GenerateRequest {
         messages,
         schema: guidance(json!({
@@ -180,7 +190,34 @@ fn prefill_request(tag: usize) -> GenerateRequest {
     }
 }
 
-fn decode_request(chars: usize, tag: usize) -> GenerateRequest {
+/// `MEMEX_BENCH_DECODE_PROMPT=branches`: decode after a request's branch prompts.
+fn branch_decode() -> bool {
+    std::env::var("MEMEX_BENCH_DECODE_PROMPT").is_ok_and(|v| v == "branches")
+}
+
+/// The decode workload's sequence `i` of a round whose tags start at `first`: with `branches`,
+/// the real prompt of branch `i % 3` over the ~1,000-token dialogue tagged `first + i / 3`, so
+/// sequences share the system prompt and, three by three, their dialogue, as a request's
+/// branches do; otherwise a short prompt of its own.
+fn decode_request(chars: usize, branches: bool, first: usize, i: usize) -> GenerateRequest {
+    if !branches {
+        return short_decode_request(chars, first + i);
+    }
+    let mut dialogue = corpus_dialogue("en-1000-1");
+    dialogue.messages[0]
+        .content
+        .insert_str(0, &session(first + i / 3));
+    let prompts = Prompts::new(None).unwrap();
+    let lang = language::detect(&dialogue);
+    GenerateRequest {
+        messages: prompts
+            .render(Branch::ALL[i % 3], &lang, &dialogue, 6)
+            .unwrap(),
+        ..short_decode_request(chars, first + i)
+    }
+}
+
+fn short_decode_request(chars: usize, tag: usize) -> GenerateRequest {
     GenerateRequest {
         messages: vec![
             PromptMessage {
@@ -421,8 +458,12 @@ async fn bench_server(
     // many minutes on a laptop CPU, and prefill is compute-bound at any concurrency).
     let skip_prefill = env_or("MEMEX_BENCH_DECODE_ONLY", 0) == 1;
     let prefill = |tags: std::ops::Range<usize>| tags.map(prefill_request).collect::<Vec<_>>();
-    let decode =
-        |tags: std::ops::Range<usize>| tags.map(|t| decode_request(chars, t)).collect::<Vec<_>>();
+    let branches = branch_decode();
+    let decode = |tags: std::ops::Range<usize>| {
+        (0..tags.len())
+            .map(|i| decode_request(chars, branches, tags.start, i))
+            .collect::<Vec<_>>()
+    };
     // Warm-up: first requests pay for one-off allocations and grammar setup.
     if !skip_prefill {
         server.run(prefill(tags.take(1))).await;
@@ -443,7 +484,14 @@ async fn bench_server(
                 p_tokens = p.prompt_tokens / n;
                 not_stopped += p.not_stopped;
             }
-            let d = server.run(decode(tags.take(n))).await;
+            let requests = decode(tags.take(n));
+            if branches {
+                // The long prompts prefilled first (into the prefix cache), so that the round
+                // times decode over them and not their prefill.
+                let warm = requests.iter().map(|r| short_answer(r.messages.clone()));
+                server.run(warm.collect()).await;
+            }
+            let d = server.run(requests).await;
             let window = (d.wall - d.first_first_token).as_secs_f64();
             let after_first = d.generated_tokens.saturating_sub(n);
             dec.push(after_first as f64 / window);

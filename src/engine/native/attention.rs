@@ -1,17 +1,23 @@
 //! Causal attention over the KV block pool, for a ragged batch.
 //!
 //! Every row attends over its own sequence's cached keys and values, read in place through the
-//! sequence's block table. The work is split into tasks of (tile of rows, KV head, range of
-//! positions) so that a one-row decode step still uses every core, and each row's partial
-//! softmaxes are merged exactly afterwards (as in flash-decoding). A tile is up to 16
-//! consecutive rows of one prefill run, which read each position's keys and values once between
-//! them (from L1 and L2 instead of L3). The ranges depend on positions only, and a row's
-//! arithmetic does not depend on its tile, so a sequence's result is the same whoever shares its
-//! step and however its prompt was chunked.
+//! sequence's block table. The work is split into tasks of (rows, KV head, range of positions)
+//! so that a one-row decode step still uses every core, and each row's partial softmaxes are
+//! merged exactly afterwards (as in flash-decoding). A task's rows read each position's keys and
+//! values once between them (from L1 and L2 instead of L3 or memory): up to 16 consecutive rows
+//! of one prefill run, and every row whose sequence reads a whole range through the same blocks
+//! (a request's three branches over their shared dialogue, every sequence over the system
+//! prompt). With SmolLM2's 1,232-token system prompt a decode row read 57 MB of f32 keys and
+//! values per step before its dialogue, more than the model's weights (about 100 MB) for two
+//! sequences. The ranges depend on positions only, and a row's arithmetic does not depend on its
+//! task, so a sequence's result is the same whoever shares its step and however its prompt was
+//! chunked.
 
 use rayon::prelude::*;
 
-use super::kv_cache::slot;
+use std::collections::HashMap;
+
+use super::kv_cache::{slot, BLOCK_SIZE};
 use super::math::exp_shifted_sum;
 use super::step::Run;
 use super::weights::Config;
@@ -19,7 +25,7 @@ use super::weights::Config;
 /// Causal attention of every row's query heads over its own sequence's cached keys and values.
 /// `q` is `[rows, heads, head_dim]`; the result is `[rows, heads * head_dim]`.
 ///
-/// The work is split into tasks of (tile of rows, kv head, range of positions): a decode step has
+/// The work is split into tasks of (rows, kv head, range of positions): a decode step has
 /// a single row, and one task per row would leave all but one core idle while it reads the whole
 /// context. Each task returns a partial softmax (its max, sum and weighted values) per row, and
 /// the partials of a (row, kv head) are merged exactly, as in flash-decoding.
@@ -35,11 +41,12 @@ pub(crate) fn attention(
     let d = c.head_dim;
     let group = c.heads / c.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let tasks = tasks(rows, c.kv_heads);
+    let tasks = tasks(rows, runs, c.kv_heads);
     let partials: Vec<Vec<Partial>> = tasks
         .par_iter()
         .map(|t| {
-            let table = runs[rows[t.rows.start].0].table;
+            // The task's rows read the same blocks for these positions: any row's table will do.
+            let table = runs[rows[t.rows[0]].0].table;
             let offsets: Vec<usize> = (t.p0..t.p1)
                 .map(|p| slot(table, p) * slot_width + t.kv * d)
                 .collect();
@@ -47,18 +54,15 @@ pub(crate) fn attention(
             assert!(offsets
                 .iter()
                 .all(|&o| o + d <= k_pool.len() && o + d <= v_pool.len()));
-            // Each row of the tile reads the positions from `p0` to its own (causal) end.
-            let lens: Vec<usize> = rows[t.rows.clone()]
+            // Each row reads the positions from `p0` to its own (causal) end.
+            let lens: Vec<usize> = t
+                .rows
                 .iter()
-                .filter(|&&(_, pos)| pos >= t.p0)
-                .map(|&(_, pos)| (pos + 1).min(t.p1) - t.p0)
+                .map(|&r| (rows[r].1 + 1).min(t.p1) - t.p0)
                 .collect();
             let stride = group * offsets.len();
-            let q_of = |i: usize, g: usize| {
-                let row = t.rows.start + (t.rows.len() - lens.len()) + i;
-                &q[(row * c.heads + t.kv * group + g) * d..][..d]
-            };
-            // Every query head of every row in the tile reads the same keys and values: in
+            let q_of = |i: usize, g: usize| &q[(t.rows[i] * c.heads + t.kv * group + g) * d..][..d];
+            // Every query head of every row of the task reads the same keys and values: in
             // slices of `L1_POSITIONS` they are read from L1 by all but the first.
             let mut scores = vec![0f32; lens.len() * stride];
             for (s0, offs) in (0..offsets.len())
@@ -113,68 +117,58 @@ pub(crate) fn attention(
         })
         .collect();
 
-    // Merge each row's partials per KV head, in position order: a tile's tasks for one KV head
-    // are consecutive in `tasks`, and a row has a partial in each task that starts at or
-    // before its position.
+    // Merge each (row, KV head)'s partials in position order, whichever tasks computed them.
+    let mut order: Vec<(usize, usize, usize, &Partial)> = tasks
+        .iter()
+        .zip(&partials)
+        .flat_map(|(t, parts)| t.rows.iter().zip(parts).map(|(&r, p)| (r, t.kv, t.p0, p)))
+        .collect();
+    order.sort_unstable_by_key(|&(r, kv, p0, _)| (r, kv, p0));
     let mut out = vec![0f32; rows.len() * c.heads * d];
-    let mut i = 0;
-    while i < tasks.len() {
-        let (tile, kv) = (tasks[i].rows.clone(), tasks[i].kv);
-        let mut j = i;
-        while j < tasks.len() && tasks[j].rows == tile && tasks[j].kv == kv {
-            j += 1;
-        }
-        for row in tile.clone() {
-            let pos = rows[row].1;
-            let parts: Vec<&Partial> = tasks[i..j]
+    for parts in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (row, kv) = (parts[0].0, parts[0].1);
+        for g in 0..group {
+            let m = parts
                 .iter()
-                .zip(&partials[i..j])
-                .filter(|(t, _)| t.p0 <= pos)
-                .map(|(t, p)| {
-                    let skipped = rows[tile.clone()].iter().filter(|r| r.1 < t.p0).count();
-                    &p[row - tile.start - skipped]
-                })
-                .collect();
-            for g in 0..group {
-                let m = parts
-                    .iter()
-                    .map(|p| p.max[g])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let o = &mut out[(row * c.heads + kv * group + g) * d..][..d];
-                let mut total = 0f32;
-                for p in &parts {
-                    let w = (p.max[g] - m).exp();
-                    total += p.sum[g] * w;
-                    axpy(w, &p.acc[g * d..(g + 1) * d], o);
-                }
-                let inv = 1.0 / total;
-                for v in o.iter_mut() {
-                    *v *= inv;
-                }
+                .map(|p| p.3.max[g])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let o = &mut out[(row * c.heads + kv * group + g) * d..][..d];
+            let mut total = 0f32;
+            for &(_, _, _, p) in parts {
+                let w = (p.max[g] - m).exp();
+                total += p.sum[g] * w;
+                axpy(w, &p.acc[g * d..(g + 1) * d], o);
+            }
+            let inv = 1.0 / total;
+            for v in o.iter_mut() {
+                *v *= inv;
             }
         }
-        i = j;
     }
     out
 }
 
-/// One attention task: the rows `rows` (consecutive rows of one run, at consecutive
-/// positions) against the positions `p0..p1` of one KV head. A row takes part if its position
-/// is at least `p0`, and reads up to its own position.
+/// One attention task: rows of the step (each at a position of at least `p0`, reading up to its
+/// own position) against the positions `p0..p1` of one KV head.
 struct Task {
-    rows: std::ops::Range<usize>,
+    rows: Vec<usize>,
     kv: usize,
     p0: usize,
     p1: usize,
 }
 
-/// The tasks of a step, a tile's tasks for one KV head consecutive and in position order.
+/// The tasks of a step.
 ///
-/// The position ranges are `POSITIONS_PER_TASK` wide from 0, whatever the tile, so a row's
-/// ranges (and so its arithmetic, and its greedy output) are the same whoever shares its step
-/// and however its run was chunked.
-fn tasks(rows: &[(usize, usize)], kv_heads: usize) -> Vec<Task> {
-    let mut tasks = Vec::new();
+/// A tile is up to `ROWS_PER_TASK` consecutive rows of one run; its positions are split in
+/// ranges `POSITIONS_PER_TASK` wide from 0, whatever the tile, so a row's ranges (and so its
+/// arithmetic, and its greedy output) are the same whoever shares its step and however its run
+/// was chunked. A whole range that several tiles read through the same blocks (a request's
+/// branches over their shared dialogue, every sequence over the system prompt) is one task for
+/// all of them, so the step reads those keys and values once instead of once per sequence.
+fn tasks(rows: &[(usize, usize)], runs: &[Run], kv_heads: usize) -> Vec<Task> {
+    let mut tasks: Vec<Task> = Vec::new();
+    // (KV head, block ids of a whole range) -> the task reading them.
+    let mut shared: HashMap<(usize, &[u32]), usize> = HashMap::new();
     let mut first = 0;
     while first < rows.len() {
         let mut end = first + 1;
@@ -185,17 +179,32 @@ fn tasks(rows: &[(usize, usize)], kv_heads: usize) -> Vec<Task> {
         {
             end += 1;
         }
+        let table = runs[rows[first].0].table;
         let last = rows[end - 1].1;
         for kv in 0..kv_heads {
             let mut p0 = 0;
             while p0 <= last {
                 let p1 = (last + 1).min(p0.saturating_add(POSITIONS_PER_TASK));
-                tasks.push(Task {
-                    rows: first..end,
-                    kv,
-                    p0,
-                    p1,
-                });
+                let tile: Vec<usize> = (first..end).filter(|&r| rows[r].1 >= p0).collect();
+                // Shared only if every row of the tile reads the whole range.
+                let whole = p1 - p0 == POSITIONS_PER_TASK && rows[tile[0]].1 + 1 >= p1;
+                let key = whole.then(|| (kv, &table[p0 / BLOCK_SIZE..p1 / BLOCK_SIZE]));
+                match key.and_then(|k| shared.get(&k)) {
+                    Some(&t) if tasks[t].rows.len() + tile.len() <= MAX_SHARED_ROWS => {
+                        tasks[t].rows.extend(tile)
+                    }
+                    _ => {
+                        if let Some(k) = key {
+                            shared.insert(k, tasks.len());
+                        }
+                        tasks.push(Task {
+                            rows: tile,
+                            kv,
+                            p0,
+                            p1,
+                        });
+                    }
+                }
                 p0 = p1;
             }
         }
@@ -204,13 +213,19 @@ fn tasks(rows: &[(usize, usize)], kv_heads: usize) -> Vec<Task> {
     tasks
 }
 
+/// The most rows one task takes over a shared range: enough for a few requests' branches; its
+/// scores (rows x query heads per KV head x 128 positions) stay a few hundred KiB at most.
+const MAX_SHARED_ROWS: usize = 64;
+
 /// Rows of one prefill run per task. Each task reads its positions' keys and values once for
 /// all its rows: per row, a 1,600-token prefill's keys and values (1.6 MB per layer on
 /// Qwen2.5-0.5B) do not stay in a core's L2, so each row read them from L3.
 const ROWS_PER_TASK: usize = 16;
 
-/// Positions per attention task: a 500-token decode row becomes 4 tasks per KV head.
+/// Positions per attention task: a 500-token decode row becomes 4 tasks per KV head. A whole
+/// number of KV blocks, so a range's blocks are its table's `p0 / BLOCK_SIZE..p1 / BLOCK_SIZE`.
 const POSITIONS_PER_TASK: usize = 128;
+const _: () = assert!(POSITIONS_PER_TASK.is_multiple_of(BLOCK_SIZE));
 
 /// Positions whose keys (or values) the query heads of a group read in turn: 32 head-dim-64 f32
 /// rows are 8 KiB, so they stay in L1 between heads. Over a whole task (128 positions, 32 KiB of
@@ -458,6 +473,66 @@ mod tests {
             .map(|p| (0, p))
             .chain((200..205).map(|p| (1, p)))
             .collect();
+        let q: Vec<f32> = (0..rows.len() * heads * d).map(|i| noise(i, 3)).collect();
+        let together = attention(&c, &q, &rows, &runs, &kp, &vp, width);
+        for (r, &row) in rows.iter().enumerate() {
+            let qr = &q[r * heads * d..(r + 1) * heads * d];
+            let alone = attention(&c, qr, &[row], &runs, &kp, &vp, width);
+            assert_eq!(
+                &together[r * heads * d..(r + 1) * heads * d],
+                &alone[..],
+                "row {r}"
+            );
+        }
+    }
+
+    /// Rows of different sequences whose tables share blocks (a request's branches over their
+    /// dialogue) read a shared whole range in one task, and each row's result is still exactly
+    /// its result alone.
+    #[test]
+    fn sequences_sharing_blocks_share_tasks_and_not_results() {
+        let (heads, kv_heads, d) = (6, 2, 64);
+        let c = config(heads, kv_heads, d);
+        let width = kv_heads * d;
+        // Three tables: the first 17 blocks (272 positions: two whole ranges and one block)
+        // shared, then a block of their own each; a fourth table shares nothing.
+        let own = |i: u32| -> Vec<u32> { (0..17).chain([17 + i]).collect() };
+        let tables = [own(0), own(1), own(2), (20..38).collect::<Vec<u32>>()];
+        let kp: Vec<f32> = (0..38 * 16 * width).map(|i| noise(i, 1)).collect();
+        let vp: Vec<f32> = (0..38 * 16 * width).map(|i| noise(i, 2)).collect();
+        let runs: Vec<Run> = tables
+            .iter()
+            .map(|t| Run {
+                tokens: &[],
+                start: 0,
+                table: t,
+                wants_logits: true,
+            })
+            .collect();
+        // Decode rows of the three sharing sequences and the other one, then a prefill tile of
+        // the first sharing sequence past the shared blocks, and one still inside them.
+        let rows: Vec<(usize, usize)> = [(0, 280), (1, 275), (2, 283), (3, 280)]
+            .into_iter()
+            .chain((284..288).map(|p| (0, p)))
+            .chain([(1, 200)])
+            .collect();
+        let tasks = tasks(&rows, &runs, kv_heads);
+        let shared: Vec<Vec<usize>> = tasks
+            .iter()
+            .filter(|t| t.kv == 0 && t.rows.len() > 1)
+            .map(|t| t.rows.clone())
+            .collect();
+        // Range 0..128: every row of the sharing sequences; range 128..256: all but the last
+        // row (it reads only part of it, so it is alone there); range 256..: the tile alone
+        // (each sequence has its own last block).
+        assert_eq!(
+            shared,
+            [
+                vec![0, 1, 2, 4, 5, 6, 7, 8],
+                vec![0, 1, 2, 4, 5, 6, 7],
+                vec![4, 5, 6, 7]
+            ]
+        );
         let q: Vec<f32> = (0..rows.len() * heads * d).map(|i| noise(i, 3)).collect();
         let together = attention(&c, &q, &rows, &runs, &kp, &vp, width);
         for (r, &row) in rows.iter().enumerate() {
