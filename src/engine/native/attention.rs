@@ -441,6 +441,29 @@ mod tests {
         (((i * 7919 + salt * 104_729) % 1000) as f32) / 500.0 - 1.0
     }
 
+    /// Every row's attention computed with all of `rows` equals the row's computed alone, bit
+    /// for bit.
+    fn assert_rows_equal_alone(
+        c: &Config,
+        rows: &[(usize, usize)],
+        runs: &[Run],
+        kp: &[f32],
+        vp: &[f32],
+    ) {
+        let (width, row_width) = (c.kv_heads * c.head_dim, c.heads * c.head_dim);
+        let q: Vec<f32> = (0..rows.len() * row_width).map(|i| noise(i, 3)).collect();
+        let together = attention(c, &q, rows, runs, kp, vp, width);
+        for (r, &row) in rows.iter().enumerate() {
+            let qr = &q[r * row_width..(r + 1) * row_width];
+            let alone = attention(c, qr, &[row], runs, kp, vp, width);
+            assert_eq!(
+                &together[r * row_width..(r + 1) * row_width],
+                &alone[..],
+                "row {r}"
+            );
+        }
+    }
+
     /// A prefill run is computed in tiles of rows; each row's result must not depend on the
     /// tile it fell in (nor on its tile's other rows), or a prompt's outputs would change with
     /// how it was chunked and who shared its step: bit-identical to the row computed alone.
@@ -473,17 +496,7 @@ mod tests {
             .map(|p| (0, p))
             .chain((200..205).map(|p| (1, p)))
             .collect();
-        let q: Vec<f32> = (0..rows.len() * heads * d).map(|i| noise(i, 3)).collect();
-        let together = attention(&c, &q, &rows, &runs, &kp, &vp, width);
-        for (r, &row) in rows.iter().enumerate() {
-            let qr = &q[r * heads * d..(r + 1) * heads * d];
-            let alone = attention(&c, qr, &[row], &runs, &kp, &vp, width);
-            assert_eq!(
-                &together[r * heads * d..(r + 1) * heads * d],
-                &alone[..],
-                "row {r}"
-            );
-        }
+        assert_rows_equal_alone(&c, &rows, &runs, &kp, &vp);
     }
 
     /// Rows of different sequences whose tables share blocks (a request's branches over their
@@ -533,17 +546,7 @@ mod tests {
                 vec![4, 5, 6, 7]
             ]
         );
-        let q: Vec<f32> = (0..rows.len() * heads * d).map(|i| noise(i, 3)).collect();
-        let together = attention(&c, &q, &rows, &runs, &kp, &vp, width);
-        for (r, &row) in rows.iter().enumerate() {
-            let qr = &q[r * heads * d..(r + 1) * heads * d];
-            let alone = attention(&c, qr, &[row], &runs, &kp, &vp, width);
-            assert_eq!(
-                &together[r * heads * d..(r + 1) * heads * d],
-                &alone[..],
-                "row {r}"
-            );
-        }
+        assert_rows_equal_alone(&c, &rows, &runs, &kp, &vp);
     }
 
     fn split_attention_matches_naive(d: usize) {
