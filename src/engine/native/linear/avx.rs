@@ -186,8 +186,9 @@ unsafe fn bit_as_16(qh: __m256i, bit: u8) -> __m256i {
 /// output is `Σ fma(E, d_act * d, acc) + Σ fma(m, s_act, offset)` in block order, where `E` is
 /// the block's exact integer dot product (and `m` its offset, for the unsigned types). Integers
 /// add exactly in any order, so the kernels below may sum a block's products across lanes however
-/// suits their shape (eight activation rows, four or one) and every output keeps the same bits. Against converting and scaling each row's eight partial
-/// lanes per block, a group of eight rows converts, scales and accumulates once per block.
+/// suits their shape (eight activation rows, four or one) and every output keeps the same bits.
+/// Against converting and scaling each row's eight partial lanes per block, a group of eight
+/// rows converts, scales and accumulates once per block.
 trait Exact: Copy {
     /// Whether values carry an offset (`d*q + m`); Q8_0's are `d*q`.
     const OFFSET: bool;

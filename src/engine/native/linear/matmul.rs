@@ -160,21 +160,16 @@ pub(super) fn quantized_rows<B: Block>(
                 let r1 = (r0 + row_tile).min(m);
                 for j in w0..w1 {
                     let wrow = &w[j * wb..(j + 1) * wb];
-                    let mut r = r0;
-                    while r + 8 <= r1 {
-                        let v = B::dot8(wrow, acts.rows(r));
-                        out.put(r, j, &v);
-                        r += 8;
-                    }
-                    // A tail of 2-7 rows (a decode step's few sequences) is the last of its
-                    // group, whose padding rows are zero: one wider kernel decodes the weight
-                    // row once for all of them, where one-row kernels decoded it per row. Every
-                    // kernel computes a row alike, so the padding changes no output.
-                    match r1 - r {
-                        0 => {}
-                        1 => out.put(r, j, &[B::dot(wrow, acts.rows(r))]),
-                        t @ 2..=4 => out.put(r, j, &B::dot4(wrow, acts.rows(r))[..t]),
-                        t => out.put(r, j, &B::dot8(wrow, acts.rows(r))[..t]),
+                    // Rows in eights; a tail of 2-7 rows (a decode step's few sequences) is the
+                    // last of its group, whose padding rows are zero: one wider kernel decodes
+                    // the weight row once for all of them, where one-row kernels decoded it per
+                    // row. Every kernel computes a row alike, so the padding changes no output.
+                    for r in (r0..r1).step_by(8) {
+                        match (r1 - r).min(8) {
+                            1 => out.put(r, j, &[B::dot(wrow, acts.rows(r))]),
+                            t @ 2..=4 => out.put(r, j, &B::dot4(wrow, acts.rows(r))[..t]),
+                            t => out.put(r, j, &B::dot8(wrow, acts.rows(r))[..t]),
+                        }
                     }
                 }
             }
