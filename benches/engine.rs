@@ -19,7 +19,8 @@
 //! `MEMEX_BENCH_QUANTIZE` (`--quantize` for safetensors models), `MEMEX_BENCH_GATHER_DECODE=1`
 //! (the tensor path's reference decode attention instead of the paged op),
 //! `MEMEX_BENCH_DECODE_ONLY=1`
-//! (skip the prefill rounds), `MEMEX_BENCH_DECODE_PROMPT=branches` (decode after the real branch
+//! (skip the prefill rounds), `MEMEX_BENCH_PREFILL_DIALOGUE` (the corpus dialogue the prefill
+//! prompts are built on; default `en-1000-1`; `zh-1000-1` is ~2,900 SmolLM2 tokens), `MEMEX_BENCH_DECODE_PROMPT=branches` (decode after the real branch
 //! prompts of a ~1,000-token dialogue, three sequences a dialogue, instead of a short prompt each:
 //! the sequences share the system prompt and their request's dialogue; the prefix cache is on and
 //! the prompts are prefilled by an untimed pass first, so the round times decode alone; memex
@@ -168,7 +169,8 @@ fn session(tag: usize) -> String {
 }
 
 fn prefill_request(tag: usize) -> GenerateRequest {
-    let mut dialogue = corpus_dialogue("en-1000-1");
+    let id = std::env::var("MEMEX_BENCH_PREFILL_DIALOGUE").unwrap_or_else(|_| "en-1000-1".into());
+    let mut dialogue = corpus_dialogue(&id);
     dialogue.messages[0].content.insert_str(0, &session(tag));
     let prompts = Prompts::new(None).unwrap();
     let lang = language::detect(&dialogue);

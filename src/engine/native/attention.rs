@@ -12,13 +12,24 @@
 //! sequences. The ranges depend on positions only, and a row's arithmetic does not depend on its
 //! task, so a sequence's result is the same whoever shares its step and however its prompt was
 //! chunked.
+//!
+//! The kernels are matrix-shaped. Keys are stored transposed within their block (see
+//! `kv_cache::KvPool`), so up to six query heads of a task, whichever rows they belong to, are
+//! scored against a block's 16 keys at once: per head element, one load of 16 keys serves twelve
+//! FMAs, and no horizontal sum is needed. Up to six heads' weighted values are summed the same
+//! way, 16 outputs at a time. Every score and every output is one FMA chain in a fixed order,
+//! so how heads are grouped never changes a result. Before, each head took dot products with
+//! eight keys at a time (a key load per FMA, and a horizontal sum per score): on a 4,049-token
+//! SmolLM2 prefill, attention was about half the time, and the matrix kernels (with the merge
+//! run in parallel and a task's partials in one allocation) took prefill from 127-137 to
+//! 170-174 tokens/s.
 
 use rayon::prelude::*;
 
 use std::collections::HashMap;
 
 use super::kv_cache::{slot, BLOCK_SIZE};
-use super::math::exp_shifted_sum;
+use super::math::{exp_shifted_sum, max_of};
 use super::step::Run;
 use super::weights::Config;
 
@@ -42,109 +53,135 @@ pub(crate) fn attention(
     let group = c.heads / c.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let tasks = tasks(rows, runs, c.kv_heads);
-    let partials: Vec<Vec<Partial>> = tasks
+    let partials: Vec<Partial> = tasks
         .par_iter()
         .map(|t| {
             // The task's rows read the same blocks for these positions: any row's table will do.
             let table = runs[rows[t.rows[0]].0].table;
-            let offsets: Vec<usize> = (t.p0..t.p1)
-                .map(|p| slot(table, p) * slot_width + t.kv * d)
+            let block_floats = BLOCK_SIZE * slot_width;
+            let blocks: Vec<usize> = (t.p0..t.p1)
+                .step_by(BLOCK_SIZE)
+                .map(|p| table[p / BLOCK_SIZE] as usize)
                 .collect();
-            // The kernels read `d` values at each offset without bounds checks.
-            assert!(offsets
+            assert!(blocks
                 .iter()
-                .all(|&o| o + d <= k_pool.len() && o + d <= v_pool.len()));
+                .all(|&b| (b + 1) * block_floats <= k_pool.len().min(v_pool.len())));
             // Each row reads the positions from `p0` to its own (causal) end.
             let lens: Vec<usize> = t
                 .rows
                 .iter()
                 .map(|&r| (rows[r].1 + 1).min(t.p1) - t.p0)
                 .collect();
-            let stride = group * offsets.len();
-            let q_of = |i: usize, g: usize| &q[(t.rows[i] * c.heads + t.kv * group + g) * d..][..d];
-            // Every query head of every row of the task reads the same keys and values: in
-            // slices of `L1_POSITIONS` they are read from L1 by all but the first.
-            let mut scores = vec![0f32; lens.len() * stride];
-            for (s0, offs) in (0..offsets.len())
-                .step_by(L1_POSITIONS)
-                .zip(offsets.chunks(L1_POSITIONS))
-            {
-                for (i, &len) in lens.iter().enumerate().filter(|&(_, &len)| len > s0) {
-                    let offs = &offs[..offs.len().min(len - s0)];
-                    let row_scores = &mut scores[i * stride..(i + 1) * stride];
-                    for (g, sc) in row_scores.chunks_exact_mut(offsets.len()).enumerate() {
-                        key_scores(
-                            q_of(i, g),
-                            k_pool,
-                            offs,
-                            scale,
-                            &mut sc[s0..s0 + offs.len()],
-                        );
-                    }
+            // Scores per query head, whole blocks wide: a row's last block is scored whole and
+            // the positions past the row's end are never read.
+            let width = blocks.len() * BLOCK_SIZE;
+            let heads = lens.len() * group;
+            let q_of = |h: usize| {
+                let (i, g) = (h / group, h % group);
+                &q[(t.rows[i] * c.heads + t.kv * group + g) * d..][..d]
+            };
+            let mut scores = vec![0f32; heads * width];
+            let (mut qs, mut at) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
+            for (bi, &b) in blocks.iter().enumerate() {
+                let s0 = bi * BLOCK_SIZE;
+                let keys = &k_pool[b * block_floats + t.kv * d * BLOCK_SIZE..][..d * BLOCK_SIZE];
+                qs.clear();
+                at.clear();
+                for h in (0..heads).filter(|&h| lens[h / group] > s0) {
+                    qs.push(q_of(h));
+                    at.push(h * width + s0);
                 }
+                block_scores(keys, &qs, scale, &mut scores, &at);
             }
-            let mut parts: Vec<Partial> = lens
-                .iter()
-                .zip(scores.chunks_exact_mut(stride))
-                .map(|(&len, row_scores)| {
-                    let mut max = vec![f32::NEG_INFINITY; group];
-                    let mut sum = vec![0f32; group];
-                    for (g, sc) in row_scores.chunks_exact_mut(offsets.len()).enumerate() {
-                        let sc = &mut sc[..len];
-                        max[g] = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        sum[g] = exp_shifted_sum(sc, max[g]);
-                    }
-                    let acc = vec![0f32; group * d];
-                    Partial { max, sum, acc }
-                })
+            let (mut max, mut sum) = (vec![0f32; heads], vec![0f32; heads]);
+            for (h, sc) in scores.chunks_exact_mut(width).enumerate() {
+                let sc = &mut sc[..lens[h / group]];
+                max[h] = max_of(sc);
+                sum[h] = exp_shifted_sum(sc, max[h]);
+            }
+            // Values, `L1_POSITIONS` positions at a time for every query head reading them.
+            let offsets: Vec<usize> = (t.p0..t.p1)
+                .map(|p| slot(table, p) * slot_width + t.kv * d)
                 .collect();
+            let mut acc = vec![0f32; heads * d];
+            let mut ws = Vec::with_capacity(heads);
             for (s0, offs) in (0..offsets.len())
                 .step_by(L1_POSITIONS)
                 .zip(offsets.chunks(L1_POSITIONS))
             {
-                for (i, &len) in lens.iter().enumerate().filter(|&(_, &len)| len > s0) {
-                    let offs = &offs[..offs.len().min(len - s0)];
-                    let row_scores = &scores[i * stride..(i + 1) * stride];
-                    for (sc, a) in row_scores
-                        .chunks_exact(offsets.len())
-                        .zip(parts[i].acc.chunks_exact_mut(d))
-                    {
-                        weighted_values(&sc[s0..s0 + offs.len()], v_pool, offs, a);
+                // Heads reading the same positions of the slice go together: all of them but
+                // those of rows ending inside it (a prefill tile's diagonal).
+                let reading = |h: usize| offs.len().min(lens[h / group].saturating_sub(s0));
+                let mut h = 0;
+                while h < heads {
+                    let n = reading(h);
+                    let end = (h..heads).find(|&e| reading(e) != n).unwrap_or(heads);
+                    if n > 0 {
+                        ws.clear();
+                        at.clear();
+                        for h in h..end {
+                            ws.push(&scores[h * width + s0..][..n]);
+                            at.push(h * d);
+                        }
+                        weighted_values(&ws, v_pool, &offs[..n], d, &mut acc, &at);
                     }
+                    h = end;
                 }
             }
-            parts
+            Partial { max, sum, acc }
         })
         .collect();
 
-    // Merge each (row, KV head)'s partials in position order, whichever tasks computed them.
-    let mut order: Vec<(usize, usize, usize, &Partial)> = tasks
+    // Merge each (row, KV head)'s partials in position order, whichever tasks computed them:
+    // (row, KV head, first position, task, the row's index in the task).
+    let mut order: Vec<(usize, usize, usize, usize, usize)> = tasks
         .iter()
-        .zip(&partials)
-        .flat_map(|(t, parts)| t.rows.iter().zip(parts).map(|(&r, p)| (r, t.kv, t.p0, p)))
-        .collect();
-    order.sort_unstable_by_key(|&(r, kv, p0, _)| (r, kv, p0));
-    let mut out = vec![0f32; rows.len() * c.heads * d];
-    for parts in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let (row, kv) = (parts[0].0, parts[0].1);
-        for g in 0..group {
-            let m = parts
+        .enumerate()
+        .flat_map(|(ti, t)| {
+            t.rows
                 .iter()
-                .map(|p| p.3.max[g])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let o = &mut out[(row * c.heads + kv * group + g) * d..][..d];
-            let mut total = 0f32;
-            for &(_, _, _, p) in parts {
-                let w = (p.max[g] - m).exp();
-                total += p.sum[g] * w;
-                axpy(w, &p.acc[g * d..(g + 1) * d], o);
+                .enumerate()
+                .map(move |(i, &r)| (r, t.kv, t.p0, ti, i))
+        })
+        .collect();
+    order.sort_unstable();
+    // Rows merge in parallel: serial, the merge took a tenth of a long prefill's attention while
+    // the other cores waited.
+    let by_row: Vec<_> = order.chunk_by(|a, b| a.0 == b.0).collect();
+    assert_eq!(by_row.len(), rows.len(), "every row has partials");
+    let mut out = vec![0f32; rows.len() * c.heads * d];
+    out.par_chunks_mut(c.heads * d)
+        .zip(by_row)
+        .for_each(|(out, row_parts)| {
+            for parts in row_parts.chunk_by(|a, b| a.1 == b.1) {
+                let kv = parts[0].1;
+                for g in 0..group {
+                    // The part's head index within its task.
+                    let part = |&(_, _, _, ti, i): &(usize, usize, usize, usize, usize)| {
+                        (&partials[ti], i * group + g)
+                    };
+                    let m = parts
+                        .iter()
+                        .map(|e| {
+                            let (p, h) = part(e);
+                            p.max[h]
+                        })
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let o = &mut out[(kv * group + g) * d..][..d];
+                    let mut total = 0f32;
+                    for e in parts {
+                        let (p, h) = part(e);
+                        let w = (p.max[h] - m).exp();
+                        total += p.sum[h] * w;
+                        axpy(w, &p.acc[h * d..(h + 1) * d], o);
+                    }
+                    let inv = 1.0 / total;
+                    for v in o.iter_mut() {
+                        *v *= inv;
+                    }
+                }
             }
-            let inv = 1.0 / total;
-            for v in o.iter_mut() {
-                *v *= inv;
-            }
-        }
-    }
+        });
     out
 }
 
@@ -227,167 +264,175 @@ const ROWS_PER_TASK: usize = 16;
 const POSITIONS_PER_TASK: usize = 128;
 const _: () = assert!(POSITIONS_PER_TASK.is_multiple_of(BLOCK_SIZE));
 
-/// Positions whose keys (or values) the query heads of a group read in turn: 32 head-dim-64 f32
-/// rows are 8 KiB, so they stay in L1 between heads. Over a whole task (128 positions, 32 KiB of
-/// keys then 32 KiB of values) each of Qwen2.5-0.5B's 7 heads per KV head read them from L2,
-/// and attention took a fifth of a 1,600-token prefill.
+/// Positions whose values the query heads of a task read in turn: 32 head-dim-64 f32 rows are
+/// 8 KiB, so they stay in L1 between heads. Over a whole task (128 positions, 32 KiB of keys
+/// then 32 KiB of values) each of Qwen2.5-0.5B's 7 heads per KV head read them from L2, and
+/// attention took a fifth of a 1,600-token prefill. Keys go a block (16 positions) at a time.
 const L1_POSITIONS: usize = 32;
 
-/// One task's share of a softmax: per query head of the group, the max score, the sum of
-/// `exp(score - max)` and the values weighted by it.
+/// One task's share of a softmax: per query head of each of its rows (`row * group + g`), the
+/// max score, the sum of `exp(score - max)` and the values weighted by it (`head_dim` each).
 struct Partial {
     max: Vec<f32>,
     sum: Vec<f32>,
     acc: Vec<f32>,
 }
 
-/// `out[i] = q · key_i * scale` for the keys at `offsets` in `pool`.
-fn key_scores(q: &[f32], pool: &[f32], offsets: &[usize], scale: f32, out: &mut [f32]) {
-    let d = q.len();
+/// Query heads whose scores (or weighted values) one kernel call computes together: six heads
+/// by two 8-float registers of positions (or outputs) are twelve accumulators of the sixteen
+/// registers, and each loaded key (or value) register serves six FMAs.
+const HEADS_PER_KERNEL: usize = 6;
+
+/// The scores of the query heads `qs` against the 16 keys of one block (`keys`, laid out
+/// `[head_dim][16]`), times `scale`, written at `out[at[i]..at[i] + 16]` for head `i`.
+///
+/// Every score is one FMA chain over the head dimension, whatever the other heads of the call:
+/// a row's scores do not depend on who shares its task.
+fn block_scores(keys: &[f32], qs: &[&[f32]], scale: f32, out: &mut [f32], at: &[usize]) {
+    let d = keys.len() / BLOCK_SIZE;
+    assert!(qs.len() == at.len() && qs.iter().all(|q| q.len() == d));
+    assert!(at.iter().all(|&a| a + BLOCK_SIZE <= out.len()));
     #[cfg(target_feature = "avx2")]
-    if d.is_multiple_of(8) {
-        // SAFETY: AVX2 is enabled for the whole build; the caller checked every offset + d.
-        unsafe { avx::key_scores(q, pool, offsets, scale, out) };
-        return;
+    {
+        const _: () = assert!(BLOCK_SIZE == 16);
+        for (qs, at) in qs.chunks(HEADS_PER_KERNEL).zip(at.chunks(HEADS_PER_KERNEL)) {
+            // SAFETY: AVX2 is enabled for the whole build; the lengths and offsets are checked
+            // above.
+            unsafe {
+                match qs.len() {
+                    1 => avx::block_scores::<1>(keys, qs, scale, out, at),
+                    2 => avx::block_scores::<2>(keys, qs, scale, out, at),
+                    3 => avx::block_scores::<3>(keys, qs, scale, out, at),
+                    4 => avx::block_scores::<4>(keys, qs, scale, out, at),
+                    5 => avx::block_scores::<5>(keys, qs, scale, out, at),
+                    _ => avx::block_scores::<6>(keys, qs, scale, out, at),
+                }
+            }
+        }
     }
-    for (o, &off) in out.iter_mut().zip(offsets) {
-        *o = dot(q, &pool[off..off + d]) * scale;
+    #[cfg(not(target_feature = "avx2"))]
+    for (q, &a) in qs.iter().zip(at) {
+        for (j, o) in out[a..a + BLOCK_SIZE].iter_mut().enumerate() {
+            let mut s = 0f32;
+            for (c, &qc) in q.iter().enumerate() {
+                s += qc * keys[c * BLOCK_SIZE + j];
+            }
+            *o = s * scale;
+        }
     }
 }
 
-/// `out += Σ_i w[i] * value_i` for the values at `offsets` in `pool`.
-fn weighted_values(w: &[f32], pool: &[f32], offsets: &[usize], out: &mut [f32]) {
-    let d = out.len();
+/// For each query head `i`: `out[at[i]..at[i] + d] += Σ_p ws[i][p] * value_p`, the `d` values
+/// at `offsets[p]` in `pool`. Every output is one FMA chain over the positions in order,
+/// whatever the other heads of the call.
+fn weighted_values(
+    ws: &[&[f32]],
+    pool: &[f32],
+    offsets: &[usize],
+    d: usize,
+    out: &mut [f32],
+    at: &[usize],
+) {
+    assert!(ws.len() == at.len() && ws.iter().all(|w| w.len() == offsets.len()));
+    assert!(at.iter().all(|&a| a + d <= out.len()));
+    assert!(offsets.iter().all(|&o| o + d <= pool.len()));
     #[cfg(target_feature = "avx2")]
-    if d.is_multiple_of(32) {
-        // SAFETY: as above.
-        unsafe { avx::weighted_values(w, pool, offsets, out) };
+    if d.is_multiple_of(16) {
+        for (ws, at) in ws.chunks(HEADS_PER_KERNEL).zip(at.chunks(HEADS_PER_KERNEL)) {
+            // SAFETY: as in `block_scores`.
+            unsafe {
+                match ws.len() {
+                    1 => avx::weighted_values::<1>(ws, pool, offsets, d, out, at),
+                    2 => avx::weighted_values::<2>(ws, pool, offsets, d, out, at),
+                    3 => avx::weighted_values::<3>(ws, pool, offsets, d, out, at),
+                    4 => avx::weighted_values::<4>(ws, pool, offsets, d, out, at),
+                    5 => avx::weighted_values::<5>(ws, pool, offsets, d, out, at),
+                    _ => avx::weighted_values::<6>(ws, pool, offsets, d, out, at),
+                }
+            }
+        }
         return;
     }
-    for (&wi, &off) in w.iter().zip(offsets) {
-        axpy(wi, &pool[off..off + d], out);
+    for (w, &a) in ws.iter().zip(at) {
+        for (&wp, &off) in w.iter().zip(offsets) {
+            axpy(wp, &pool[off..off + d], &mut out[a..a + d]);
+        }
     }
 }
 
 #[cfg(target_feature = "avx2")]
-// Indexing parallel arrays of SIMD registers by lane group reads clearer than zipped iterators.
-#[allow(clippy::needless_range_loop)]
 mod avx {
     use std::arch::x86_64::*;
 
-    /// Eight keys at a time, each with its own accumulator, so the FMAs do not wait on each
-    /// other; the eight sums come out of one transpose-and-add.
-    pub(crate) unsafe fn key_scores(
-        q: &[f32],
-        pool: &[f32],
-        offsets: &[usize],
+    use super::BLOCK_SIZE;
+
+    /// `N` query heads against one block: per head element, one load of 16 keys (two
+    /// registers), a broadcast per head and two FMAs per head.
+    #[inline(always)]
+    pub(super) unsafe fn block_scores<const N: usize>(
+        keys: &[f32],
+        qs: &[&[f32]],
         scale: f32,
         out: &mut [f32],
+        at: &[usize],
     ) {
-        let d = q.len();
-        let (qp, base) = (q.as_ptr(), pool.as_ptr());
-        let scale_v = _mm256_set1_ps(scale);
-        let mut i = 0;
-        while i + 8 <= offsets.len() {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let keys: [*const f32; 8] = std::array::from_fn(|j| base.add(offsets[i + j]));
-            let mut c = 0;
-            while c < d {
-                let qv = _mm256_loadu_ps(qp.add(c));
-                for j in 0..8 {
-                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[j].add(c)), acc[j]);
-                }
-                c += 8;
+        let d = keys.len() / BLOCK_SIZE;
+        let q: [*const f32; N] = std::array::from_fn(|i| qs[i].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let k = keys.as_ptr();
+        for c in 0..d {
+            let k0 = _mm256_loadu_ps(k.add(c * BLOCK_SIZE));
+            let k1 = _mm256_loadu_ps(k.add(c * BLOCK_SIZE + 8));
+            for i in 0..N {
+                let qc = _mm256_broadcast_ss(&*q[i].add(c));
+                acc[i][0] = _mm256_fmadd_ps(qc, k0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(qc, k1, acc[i][1]);
             }
-            let t0 = _mm256_hadd_ps(acc[0], acc[1]);
-            let t1 = _mm256_hadd_ps(acc[2], acc[3]);
-            let t2 = _mm256_hadd_ps(acc[4], acc[5]);
-            let t3 = _mm256_hadd_ps(acc[6], acc[7]);
-            let u0 = _mm256_hadd_ps(t0, t1);
-            let u1 = _mm256_hadd_ps(t2, t3);
-            let sums = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(u0, u1),
-                _mm256_permute2f128_ps::<0x31>(u0, u1),
-            );
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(sums, scale_v));
-            i += 8;
         }
-        while i < offsets.len() {
-            let key = base.add(offsets[i]);
-            let mut acc = _mm256_setzero_ps();
-            let mut c = 0;
-            while c < d {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(key.add(c)), acc);
-                c += 8;
-            }
-            let s = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            out[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) * scale;
-            i += 1;
+        let s = _mm256_set1_ps(scale);
+        for i in 0..N {
+            let o = out.as_mut_ptr().add(at[i]);
+            _mm256_storeu_ps(o, _mm256_mul_ps(acc[i][0], s));
+            _mm256_storeu_ps(o.add(8), _mm256_mul_ps(acc[i][1], s));
         }
     }
 
-    /// 32 output values at a time held in registers over all positions, even and odd positions
-    /// in separate accumulators (eight independent FMA chains).
-    pub(crate) unsafe fn weighted_values(
-        w: &[f32],
+    /// `N` query heads' weighted values, 16 outputs at a time held in registers over all the
+    /// positions: per position, two loads of values and a broadcast weight per head.
+    #[inline(always)]
+    pub(super) unsafe fn weighted_values<const N: usize>(
+        ws: &[&[f32]],
         pool: &[f32],
         offsets: &[usize],
+        d: usize,
         out: &mut [f32],
+        at: &[usize],
     ) {
-        let d = out.len();
+        let w: [*const f32; N] = std::array::from_fn(|i| ws[i].as_ptr());
+        let o: [*mut f32; N] = std::array::from_fn(|i| out.as_mut_ptr().add(at[i]));
         let base = pool.as_ptr();
-        let mut c = 0;
-        while c < d {
-            let o = out.as_mut_ptr().add(c);
-            let mut a = [
-                _mm256_loadu_ps(o),
-                _mm256_loadu_ps(o.add(8)),
-                _mm256_loadu_ps(o.add(16)),
-                _mm256_loadu_ps(o.add(24)),
-            ];
-            let mut b = [_mm256_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 2 <= offsets.len() {
-                let (va, vb) = (base.add(offsets[i] + c), base.add(offsets[i + 1] + c));
-                let (wa, wb) = (_mm256_set1_ps(w[i]), _mm256_set1_ps(w[i + 1]));
-                for k in 0..4 {
-                    a[k] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(va.add(8 * k)), a[k]);
-                    b[k] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vb.add(8 * k)), b[k]);
-                }
-                i += 2;
-            }
-            if i < offsets.len() {
-                let va = base.add(offsets[i] + c);
-                let wa = _mm256_set1_ps(w[i]);
-                for k in 0..4 {
-                    a[k] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(va.add(8 * k)), a[k]);
+        for c in (0..d).step_by(16) {
+            let mut acc: [[__m256; 2]; N] = std::array::from_fn(|i| {
+                [
+                    _mm256_loadu_ps(o[i].add(c)),
+                    _mm256_loadu_ps(o[i].add(c + 8)),
+                ]
+            });
+            for (p, &off) in offsets.iter().enumerate() {
+                let v = base.add(off + c);
+                let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
+                for i in 0..N {
+                    let wp = _mm256_broadcast_ss(&*w[i].add(p));
+                    acc[i][0] = _mm256_fmadd_ps(wp, v0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(wp, v1, acc[i][1]);
                 }
             }
-            for k in 0..4 {
-                _mm256_storeu_ps(o.add(8 * k), _mm256_add_ps(a[k], b[k]));
+            for i in 0..N {
+                _mm256_storeu_ps(o[i].add(c), acc[i][0]);
+                _mm256_storeu_ps(o[i].add(c + 8), acc[i][1]);
             }
-            c += 32;
         }
     }
-}
-
-/// Eight independent accumulators so the compiler can keep them in one SIMD register.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 #[inline]
@@ -400,13 +445,23 @@ fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::native::kv_cache::key_index;
 
-    #[test]
-    fn dot_matches_naive_for_odd_lengths() {
-        let a: Vec<f32> = (0..13).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..13).map(|i| 1.0 - i as f32 * 0.1).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-4);
+    /// Eight independent accumulators so the compiler can keep them in one SIMD register.
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for i in 0..8 {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (x, y) in ra.iter().zip(rb) {
+            s += x * y;
+        }
+        s
     }
 
     /// The split-and-merge attention against a textbook one, for a decode row whose context is
@@ -575,12 +630,19 @@ mod tests {
                 for h in 0..heads {
                     let kv = h / (heads / kv_heads);
                     let qh = &q[(r * heads + h) * d..][..d];
+                    let key = |p: usize| -> Vec<f32> {
+                        let s = slot(&table, p);
+                        let block = &kp[s / 16 * 16 * width..];
+                        (0..d)
+                            .map(|i| block[key_index(s % 16, kv * d + i)])
+                            .collect()
+                    };
                     let at = |pool: &[f32], p: usize| {
                         let s = slot(&table, p) * width + kv * d;
                         pool[s..s + d].to_vec()
                     };
                     let scores: Vec<f32> = (0..=pos)
-                        .map(|p| dot(qh, &at(&kp, p)) / (d as f32).sqrt())
+                        .map(|p| dot(qh, &key(p)) / (d as f32).sqrt())
                         .collect();
                     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();

@@ -97,10 +97,15 @@ impl HostModel {
             self.rope(&mut k, c.kv_heads, rows);
             let sw = pool.slot_width;
             for (row, &s) in slots.iter().enumerate() {
-                pool.k[li][s * sw..(s + 1) * sw].copy_from_slice(&k[row * sw..(row + 1) * sw]);
-                pool.v[li][s * sw..(s + 1) * sw].copy_from_slice(&v[row * sw..(row + 1) * sw]);
+                pool.write(
+                    li,
+                    s,
+                    &k[row * sw..(row + 1) * sw],
+                    &v[row * sw..(row + 1) * sw],
+                );
             }
-            let attn = attention(c, &q, rows, runs, &pool.k[li], &pool.v[li], sw);
+            let (kp, vp) = pool.layer(li);
+            let attn = attention(c, &q, rows, runs, kp, vp, sw);
             add_in_place(&mut x, &layer.o.forward(&attn)?);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
             let mut gate_up = layer.gate_up.forward(&h)?.into_iter();

@@ -18,13 +18,20 @@ use std::collections::{HashMap, VecDeque};
 /// that the tables and hashes stay cheap.
 pub(crate) const BLOCK_SIZE: usize = 16;
 
-/// The pool's memory: per layer, keys and values laid out `[slot][kv_head][head_dim]`, where
-/// `slot = block * BLOCK_SIZE + offset`. A token's keys for all heads are adjacent, so writing a
-/// step's new keys is one copy per token, and attention reads each position's head as one run of
-/// `head_dim` floats.
+/// The pool's memory, per layer. A block holds `BLOCK_SIZE` consecutive slots
+/// (`slot = block * BLOCK_SIZE + offset`) and is one contiguous run of
+/// `BLOCK_SIZE * slot_width` floats, so a block is copied or reused whole.
+///
+/// Values are laid out `[slot][kv_head][head_dim]`: attention adds up whole value rows, each
+/// position's head one run of `head_dim` floats. Keys are transposed within their block,
+/// `[block][kv_head][head_dim][offset]`: attention takes one key element of 16 positions at a
+/// time (two 8-float registers) against a broadcast query element, so every score is one FMA
+/// chain with no horizontal sums, and a block's keys for one head (4 KiB at head_dim 64) are
+/// read once for all the query heads of a step that attend to it. Scattering a new key into
+/// that layout costs `slot_width` stores per token, once.
 pub(crate) struct KvPool {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
+    k: Vec<Aligned>,
+    v: Vec<Aligned>,
     /// Floats per slot: `kv_heads * head_dim`.
     pub(crate) slot_width: usize,
 }
@@ -34,11 +41,62 @@ impl KvPool {
         let slot_width = kv_heads * head_dim;
         let len = blocks * BLOCK_SIZE * slot_width;
         Self {
-            k: (0..layers).map(|_| vec![0.0; len]).collect(),
-            v: (0..layers).map(|_| vec![0.0; len]).collect(),
+            k: (0..layers).map(|_| Aligned::zeros(len)).collect(),
+            v: (0..layers).map(|_| Aligned::zeros(len)).collect(),
             slot_width,
         }
     }
+
+    /// The keys and the values of `layer`.
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (self.k[layer].get(), self.v[layer].get())
+    }
+
+    /// Store one token's keys and values (`slot_width` floats each, `[kv_head][head_dim]`) at
+    /// `slot` of `layer`.
+    pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let sw = self.slot_width;
+        self.v[layer].get_mut()[slot * sw..(slot + 1) * sw].copy_from_slice(v);
+        let keys = self.k[layer].get_mut();
+        let block = &mut keys[slot / BLOCK_SIZE * BLOCK_SIZE * sw..][..BLOCK_SIZE * sw];
+        for (e, &x) in k.iter().enumerate() {
+            block[key_index(slot % BLOCK_SIZE, e)] = x;
+        }
+    }
+}
+
+/// Zeroed floats whose first one starts a cache line. A block, and so every 16-position key row,
+/// then starts one too: an unaligned row straddled two lines, and half the key loads were split.
+/// The buffer comes zeroed from the allocator, so the pages of blocks never used stay unmapped.
+struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    const LINE_FLOATS: usize = 64 / std::mem::size_of::<f32>();
+
+    fn zeros(len: usize) -> Self {
+        let buf = vec![0f32; len + Self::LINE_FLOATS - 1];
+        let start = buf.as_ptr().align_offset(64);
+        assert!(start < Self::LINE_FLOATS);
+        Self { buf, start, len }
+    }
+
+    fn get(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// Index, within its block, of element `e` (`kv_head * head_dim + i`) of the key at `offset`
+/// of the block.
+pub(crate) fn key_index(offset: usize, e: usize) -> usize {
+    e * BLOCK_SIZE + offset
 }
 
 /// Where logical position `pos` of a sequence lives in the pool.

@@ -47,6 +47,28 @@ fn silu_mul_serial(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// The largest of `v` (negative infinity when empty).
+pub(crate) fn max_of(v: &[f32]) -> f32 {
+    let mut i = 0;
+    let mut m = f32::NEG_INFINITY;
+    #[cfg(target_feature = "avx2")]
+    {
+        // SAFETY: as in `silu_mul_serial`.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+            while i + 8 <= v.len() {
+                acc = _mm256_max_ps(acc, _mm256_loadu_ps(v.as_ptr().add(i)));
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            m = lanes.into_iter().fold(m, f32::max);
+        }
+    }
+    v[i..].iter().copied().fold(m, f32::max)
+}
+
 /// `v[i] = e^(v[i] - max)`; returns their sum.
 pub(crate) fn exp_shifted_sum(v: &mut [f32], max: f32) -> f32 {
     let mut i = 0;

@@ -3,7 +3,8 @@
 //! `host_model` runs a step with our own CPU kernels over host slices. A GPU needs the same step as
 //! device kernels, and this file is that step in candle's ops (cuBLAS matmuls, candle's quantized
 //! matmul, its rms-norm, rope and softmax kernels) over a KV pool of device tensors with the same
-//! slot layout and block tables as `kv_cache::KvPool`. The scheduler, block manager and prefix
+//! slots and block tables as `kv_cache::KvPool` (each slot's keys stored as a row, where the host
+//! pool transposes them within a block). The scheduler, block manager and prefix
 //! cache are therefore shared unchanged. It runs on the CPU device too, which is how it is checked
 //! on machines without a GPU: the tests compare its logits with `host_model`'s.
 //!
