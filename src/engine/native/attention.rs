@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use std::collections::HashMap;
 
-use super::kv_cache::{slot, BLOCK_SIZE};
+use super::kv_cache::{key_index, slot, BLOCK_SIZE};
 use super::math::{exp_shifted_sum, max_of};
 use super::step::Run;
 use super::weights::Config;
@@ -84,7 +84,8 @@ pub(crate) fn attention(
             let (mut qs, mut at) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
             for (bi, &b) in blocks.iter().enumerate() {
                 let s0 = bi * BLOCK_SIZE;
-                let keys = &k_pool[b * block_floats + t.kv * d * BLOCK_SIZE..][..d * BLOCK_SIZE];
+                // The KV head's keys of the block: `[head_dim][16]`.
+                let keys = &k_pool[b * block_floats + key_index(0, t.kv * d)..][..d * BLOCK_SIZE];
                 qs.clear();
                 at.clear();
                 for h in (0..heads).filter(|&h| lens[h / group] > s0) {
@@ -445,7 +446,6 @@ fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::native::kv_cache::key_index;
 
     /// Eight independent accumulators so the compiler can keep them in one SIMD register.
     fn dot(a: &[f32], b: &[f32]) -> f32 {
