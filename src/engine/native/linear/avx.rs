@@ -11,8 +11,10 @@
 //! safetensors, and the attention, gate/up and LM head tensors of Qwen2.5-0.5B `Q4_K_M` files)
 //! go through `Exact` instead: a block's integer dot products are summed exactly across lanes,
 //! so eight rows convert, scale and accumulate once per block (Q8_0 prefill, bench binaries
-//! alternated: 99-103 -> 108-114 tokens/s; `Q4_K_M`, 85-89 -> 88-91). A single row sums each
-//! block's lanes itself (decode at 1 unchanged within noise). Tried and not kept: a single row
+//! alternated: 99-103 -> 108-114 tokens/s; `Q4_K_M`, 85-89 -> 88-91). A single row sums four
+//! blocks' lanes in one tree (the shipped `Q4_K_M`'s decode at 1, 21.0 -> 23.1 tokens/s over
+//! three alternated pairs, its Q5_0 tensors being instruction-bound there; Q8_0, memory-bound,
+//! unchanged). Tried and not kept: a single row
 //! against eight weight rows at a time, lanes = weight rows (Q8_0 decode at 1 fell from 21 to
 //! 16-18 tokens/s; Q5_0's eight decoded blocks spilled registers). The K-quants keep `Acc`.
 
@@ -387,23 +389,46 @@ unsafe fn exact_four<B: Exact>(w: &[B], x: ActRows) -> [f32; 4] {
     out
 }
 
-/// Row `x.row` alone.
+/// Row `x.row` alone. Four blocks at a time, their exact sums in one `hadd` tree (a tree per
+/// block cost six of the kernel's ~30 instructions per block), then the same scalar chain in
+/// block order as one block at a time.
 #[inline(always)]
 unsafe fn exact_one<B: Exact>(w: &[B], x: ActRows) -> f32 {
     assert!(x.row < GROUP && x.d.len() >= w.len() && x.s.len() >= w.len());
     assert!(x.qs.len() >= w.len() * GROUP);
     let (mut acc, mut offset) = (0f32, 0f32);
-    for (i, b) in w.iter().enumerate() {
+    let mut add = |i: usize, e: f32, d: f32, m: f32| {
+        acc = e.mul_add(x.d.get_unchecked(i).0.get_unchecked(x.row) * d, acc);
+        if B::OFFSET {
+            offset = m.mul_add(*x.s.get_unchecked(i).0.get_unchecked(x.row), offset);
+        }
+    };
+    let quads = w.len() / 4;
+    for (c, quad) in w.chunks_exact(4).enumerate() {
+        let mut dm = [(0f32, 0f32); 4];
+        let e: [__m256i; 4] = std::array::from_fn(|j| {
+            let (q, d, m) = quad[j].prep();
+            dm[j] = (d, m);
+            B::products(&q, act(&x, 4 * c + j, x.row))
+        });
+        let halves = lane_sums4_halves(&e);
+        let sums = _mm_add_epi32(
+            _mm256_castsi256_si128(halves),
+            _mm256_extracti128_si256::<1>(halves),
+        );
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), _mm_cvtepi32_ps(sums));
+        for (j, (e, (d, m))) in lanes.into_iter().zip(dm).enumerate() {
+            add(4 * c + j, e, d, m);
+        }
+    }
+    for (i, b) in w.iter().enumerate().skip(4 * quads) {
         let (q, d, m) = b.prep();
         let e = B::products(&q, act(&x, i, x.row));
         let s = _mm_add_epi32(_mm256_castsi256_si128(e), _mm256_extracti128_si256::<1>(e));
         let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
-        let e = _mm_cvtsi128_si32(s) as f32;
-        acc = e.mul_add(x.d.get_unchecked(i).0.get_unchecked(x.row) * d, acc);
-        if B::OFFSET {
-            offset = m.mul_add(*x.s.get_unchecked(i).0.get_unchecked(x.row), offset);
-        }
+        add(i, _mm_cvtsi128_si32(s) as f32, d, m);
     }
     acc + offset
 }

@@ -383,7 +383,8 @@ mod tests {
     /// remainder paths), so batching never changes a greedy output.
     #[test]
     fn quantized_rows_do_not_depend_on_the_batch() {
-        let (n, k) = (43, 64);
+        // Seven blocks of 32: the one-row kernel's four-block steps and a tail of three.
+        let (n, k) = (43, 224);
         let w = Tensor::from_vec(data(n * k, 5), (n, k), &Device::Cpu).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
@@ -400,7 +401,7 @@ mod tests {
             } else {
                 k
             };
-            let w = if k == 64 {
+            let w = if k == 224 {
                 w.clone()
             } else {
                 Tensor::from_vec(data(n * k, 6), (n, k), &Device::Cpu).unwrap()
