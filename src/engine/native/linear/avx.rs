@@ -32,6 +32,39 @@ unsafe fn f16(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// The f16 at `p` and the one after it (both must lie in one block), loaded by a `vmovd`, which
+/// reads no register. A plain load, even a 32-bit one, LLVM narrows to the 16 bits used and
+/// inserts (`vpinsrw`) into whichever register it left free, in the block loops the accumulator:
+/// every block's scale then waited for the previous block's FMA.
+#[inline(always)]
+unsafe fn f16_pair(p: *const u16) -> (f32, f32) {
+    let bits: __m128i;
+    // SAFETY: the caller's `p` has four readable bytes (a scale and what follows it in its block).
+    std::arch::asm!(
+        "vmovd {bits}, dword ptr [{p}]",
+        p = in(reg) p,
+        bits = out(xmm_reg) bits,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    let v = _mm_cvtph_ps(bits);
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// A block's first two f16s (its scale, and its offset where it has one), through [`f16_pair`]
+/// for the four- and eight-row kernels (decode at 8, Q8_0, bench binaries alternated: 44.9, 41.0
+/// -> 49.8, 46.6 tokens/s, and 44.9, 50.5 -> 45.6, 51.3), plain loads for the one-row kernel
+/// (with `f16_pair` there too, decode at 1 on `Q4_K_M` fell from 20.0, 20.0 to 18.2, 18.9).
+///
+/// `p` is the block, whose first field is its f16 scale (all the 32-value types).
+#[inline(always)]
+unsafe fn scales<const VMOVD: bool>(p: *const u16) -> (f32, f32) {
+    if VMOVD {
+        f16_pair(p)
+    } else {
+        (f16(p.read_unaligned()), f16(p.add(1).read_unaligned()))
+    }
+}
+
 #[inline(always)]
 unsafe fn hsum(x: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
@@ -194,8 +227,9 @@ unsafe fn bit_as_16(qh: __m256i, bit: u8) -> __m256i {
 trait Exact: Copy {
     /// Whether values carry an offset (`d*q + m`); Q8_0's are `d*q`.
     const OFFSET: bool;
-    /// The weight block ready for `products`, with its scale `d` and offset `m`.
-    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32);
+    /// The weight block ready for `products`, with its scale `d` and offset `m` (`VMOVD`: load
+    /// the scales through [`f16_pair`]).
+    unsafe fn prep<const VMOVD: bool>(&self) -> ([__m256i; 2], f32, f32);
     /// The block's products against activation values `a`, in eight i32 lanes.
     unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i;
 }
@@ -210,8 +244,8 @@ unsafe fn unsigned_products(q: __m256i, a: __m256i) -> __m256i {
 impl Exact for BlockQ4_0 {
     const OFFSET: bool = true;
     #[inline(always)]
-    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
-        let d = f16(self.d);
+    unsafe fn prep<const VMOVD: bool>(&self) -> ([__m256i; 2], f32, f32) {
+        let d = scales::<VMOVD>((self as *const Self).cast()).0;
         ([nibbles(&self.qs), _mm256_setzero_si256()], d, -8.0 * d)
     }
     #[inline(always)]
@@ -223,12 +257,9 @@ impl Exact for BlockQ4_0 {
 impl Exact for BlockQ4_1 {
     const OFFSET: bool = true;
     #[inline(always)]
-    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
-        (
-            [nibbles(&self.qs), _mm256_setzero_si256()],
-            f16(self.d),
-            f16(self.m),
-        )
+    unsafe fn prep<const VMOVD: bool>(&self) -> ([__m256i; 2], f32, f32) {
+        let (d, m) = scales::<VMOVD>((self as *const Self).cast());
+        ([nibbles(&self.qs), _mm256_setzero_si256()], d, m)
     }
     #[inline(always)]
     unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
@@ -239,8 +270,8 @@ impl Exact for BlockQ4_1 {
 impl Exact for BlockQ5_0 {
     const OFFSET: bool = true;
     #[inline(always)]
-    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
-        let d = f16(self.d);
+    unsafe fn prep<const VMOVD: bool>(&self) -> ([__m256i; 2], f32, f32) {
+        let d = scales::<VMOVD>((self as *const Self).cast()).0;
         let q = _mm256_or_si256(nibbles(&self.qs), fifth_bits(&self.qh));
         ([q, _mm256_setzero_si256()], d, -16.0 * d)
     }
@@ -253,9 +284,10 @@ impl Exact for BlockQ5_0 {
 impl Exact for BlockQ5_1 {
     const OFFSET: bool = true;
     #[inline(always)]
-    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+    unsafe fn prep<const VMOVD: bool>(&self) -> ([__m256i; 2], f32, f32) {
         let q = _mm256_or_si256(nibbles(&self.qs), fifth_bits(&self.qh));
-        ([q, _mm256_setzero_si256()], f16(self.d), f16(self.m))
+        let (d, m) = scales::<VMOVD>((self as *const Self).cast());
+        ([q, _mm256_setzero_si256()], d, m)
     }
     #[inline(always)]
     unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
@@ -266,11 +298,15 @@ impl Exact for BlockQ5_1 {
 impl Exact for BlockQ8_0 {
     const OFFSET: bool = false;
     #[inline(always)]
-    unsafe fn prep(&self) -> ([__m256i; 2], f32, f32) {
+    unsafe fn prep<const VMOVD: bool>(&self) -> ([__m256i; 2], f32, f32) {
         let q = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
         // maddubs wants one unsigned side: the weight's magnitude, its sign moved onto the
         // activation.
-        ([q, _mm256_sign_epi8(q, q)], f16(self.d), 0.0)
+        (
+            [q, _mm256_sign_epi8(q, q)],
+            scales::<VMOVD>((self as *const Self).cast()).0,
+            0.0,
+        )
     }
     #[inline(always)]
     unsafe fn products(w: &[__m256i; 2], a: __m256i) -> __m256i {
@@ -348,7 +384,7 @@ unsafe fn exact_group<B: Exact>(w: &[B], x: ActRows) -> [f32; GROUP] {
     assert!(x.qs.len() >= w.len() * GROUP);
     let (mut acc, mut offset) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (i, b) in w.iter().enumerate() {
-        let (q, d, m) = b.prep();
+        let (q, d, m) = b.prep::<true>();
         let e: [__m256i; GROUP] = std::array::from_fn(|r| B::products(&q, act(&x, i, r)));
         let e = _mm256_cvtepi32_ps(lane_sums8(&e));
         let da = _mm256_load_ps(x.d.get_unchecked(i).0.as_ptr());
@@ -370,7 +406,7 @@ unsafe fn exact_four<B: Exact>(w: &[B], x: ActRows) -> [f32; 4] {
     assert!(x.qs.len() >= w.len() * GROUP);
     let (mut acc, mut offset) = (_mm_setzero_ps(), _mm_setzero_ps());
     for (i, b) in w.iter().enumerate() {
-        let (q, d, m) = b.prep();
+        let (q, d, m) = b.prep::<true>();
         let e: [__m256i; 4] = std::array::from_fn(|r| B::products(&q, act(&x, i, x.row + r)));
         let halves = lane_sums4_halves(&e);
         let e = _mm_add_epi32(
@@ -407,7 +443,7 @@ unsafe fn exact_one<B: Exact>(w: &[B], x: ActRows) -> f32 {
     for (c, quad) in w.chunks_exact(4).enumerate() {
         let mut dm = [(0f32, 0f32); 4];
         let e: [__m256i; 4] = std::array::from_fn(|j| {
-            let (q, d, m) = quad[j].prep();
+            let (q, d, m) = quad[j].prep::<false>();
             dm[j] = (d, m);
             B::products(&q, act(&x, 4 * c + j, x.row))
         });
@@ -423,7 +459,7 @@ unsafe fn exact_one<B: Exact>(w: &[B], x: ActRows) -> f32 {
         }
     }
     for (i, b) in w.iter().enumerate().skip(4 * quads) {
-        let (q, d, m) = b.prep();
+        let (q, d, m) = b.prep::<false>();
         let e = B::products(&q, act(&x, i, x.row));
         let s = _mm_add_epi32(_mm256_castsi256_si128(e), _mm256_extracti128_si256::<1>(e));
         let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
