@@ -14,9 +14,9 @@
 //! alternated: 99-103 -> 108-114 tokens/s; `Q4_K_M`, 85-89 -> 88-91). A single row sums four
 //! blocks' lanes in one tree (the shipped `Q4_K_M`'s decode at 1, 21.0 -> 23.1 tokens/s over
 //! three alternated pairs, its Q5_0 tensors being instruction-bound there; Q8_0, memory-bound,
-//! unchanged). Tried and not kept: a single row
-//! against eight weight rows at a time, lanes = weight rows (Q8_0 decode at 1 fell from 21 to
-//! 16-18 tokens/s; Q5_0's eight decoded blocks spilled registers). The K-quants keep `Acc`.
+//! unchanged). Tried and not kept: a single row against eight weight rows at a time, lanes =
+//! weight rows (Q8_0 decode at 1 fell from 21 to 16-18 tokens/s; Q5_0's eight decoded blocks
+//! spilled registers). The K-quants keep `Acc`.
 
 use super::blocks::{
     scale_min_k4, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -370,6 +370,16 @@ unsafe fn lane_sums8(v: &[__m256i; 8]) -> __m256i {
     )
 }
 
+/// Lane `i`: the sum of `v[i]`'s eight lanes (exact: integers).
+#[inline(always)]
+unsafe fn lane_sums4(v: &[__m256i; 4]) -> __m128i {
+    let halves = lane_sums4_halves(v);
+    _mm_add_epi32(
+        _mm256_castsi256_si128(halves),
+        _mm256_extracti128_si256::<1>(halves),
+    )
+}
+
 /// `[Σ low half of v[0..4] | Σ high half of v[0..4]]`: `hadd` works within 128-bit halves.
 #[inline(always)]
 unsafe fn lane_sums4_halves(v: &[__m256i]) -> __m256i {
@@ -408,11 +418,7 @@ unsafe fn exact_four<B: Exact>(w: &[B], x: ActRows) -> [f32; 4] {
     for (i, b) in w.iter().enumerate() {
         let (q, d, m) = b.prep::<true>();
         let e: [__m256i; 4] = std::array::from_fn(|r| B::products(&q, act(&x, i, x.row + r)));
-        let halves = lane_sums4_halves(&e);
-        let e = _mm_add_epi32(
-            _mm256_castsi256_si128(halves),
-            _mm256_extracti128_si256::<1>(halves),
-        );
+        let e = lane_sums4(&e);
         let da = _mm_loadu_ps(x.d.get_unchecked(i).0.as_ptr().add(x.row));
         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(e), _mm_mul_ps(da, _mm_set1_ps(d)), acc);
         if B::OFFSET {
@@ -447,13 +453,8 @@ unsafe fn exact_one<B: Exact>(w: &[B], x: ActRows) -> f32 {
             dm[j] = (d, m);
             B::products(&q, act(&x, 4 * c + j, x.row))
         });
-        let halves = lane_sums4_halves(&e);
-        let sums = _mm_add_epi32(
-            _mm256_castsi256_si128(halves),
-            _mm256_extracti128_si256::<1>(halves),
-        );
         let mut lanes = [0f32; 4];
-        _mm_storeu_ps(lanes.as_mut_ptr(), _mm_cvtepi32_ps(sums));
+        _mm_storeu_ps(lanes.as_mut_ptr(), _mm_cvtepi32_ps(lane_sums4(&e)));
         for (j, (e, (d, m))) in lanes.into_iter().zip(dm).enumerate() {
             add(4 * c + j, e, d, m);
         }
