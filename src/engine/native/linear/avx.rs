@@ -55,7 +55,9 @@ unsafe fn f16_pair(p: *const u16) -> (f32, f32) {
 /// -> 49.8, 46.6 tokens/s, and 44.9, 50.5 -> 45.6, 51.3), plain loads for the one-row kernel
 /// (with `f16_pair` there too, decode at 1 on `Q4_K_M` fell from 20.0, 20.0 to 18.2, 18.9).
 ///
-/// `p` is the block, whose first field is its f16 scale (all the 32-value types).
+/// `p` is the block, whose first field is its f16 scale (all the 32-value types, `repr(C)`). It
+/// is made from the whole block, not from `&self.d`: the pair read covers the next field too,
+/// beyond what a pointer to `d` alone may read.
 #[inline(always)]
 unsafe fn scales<const VMOVD: bool>(p: *const u16) -> (f32, f32) {
     if VMOVD {
